@@ -1,0 +1,108 @@
+"""The `dynboot` command.
+
+    dynboot world [CFG.yaml] [key=value ...]      generate the embedded world (library code)
+    dynboot relabel|train|eval|quickstart ...     run the job module `jobs.<name>` (the same program that
+                                                  `ray job submit -- python -m jobs.<name>` runs)
+    dynboot serve ...                             run the Serve app (`serve.run_local`)
+
+Every command takes an optional YAML config file, then `key=value` overrides (`--key value` and
+`--key=value` are accepted as spellings of `key=value`); `--help` lists the fields with descriptions.
+Job modules are launched by name, like torchtune's `tune run` launches recipes, so the library never
+imports `jobs/` or `serve/`.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from typing import Callable, TypeVar
+
+from dynboot.config import Config, ConfigError, load_config
+
+C = TypeVar("C", bound=Config)
+
+JOBS = {
+    "relabel": ("jobs.relabel", "Ray Data relabel job: videos -> key-frame pairs -> IDP -> Parquet shards"),
+    "filter": ("jobs.filter", "filter pseudo-labelled shards by score / stratified top-K"),
+    "train": ("jobs.train", "Ray Train + DeepSpeed job: task=idp|fdp"),
+    "eval": ("jobs.evaluate", "evaluation job + report"),
+    "serve": ("serve.run_local", "start the best-of-N Serve app locally"),
+    "quickstart": ("jobs.quickstart", "the whole bootstrapping loop on the embedded world"),
+}
+
+
+def normalise_args(argv: list[str]) -> list[str]:
+    """`--out DIR` / `--out=DIR` -> `out=DIR`; a leading YAML path and `key=value` pass through."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and a not in ("--help",):
+            key = a[2:].replace("-", "_")
+            if "=" in key:
+                out.append(key)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out.append(f"{key}={argv[i + 1]}")
+                i += 1
+            else:
+                out.append(f"{key}=true")
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def job_main(cls: type[C], run: Callable[[C], object], argv: list[str] | None = None, doc: str | None = None) -> int:
+    """Entry point shared by every command: parse config, print help or errors, run."""
+    argv = normalise_args(list(sys.argv[1:] if argv is None else argv))
+    if "--help" in argv or "-h" in argv:
+        print((doc or cls.__doc__ or "").strip() + "\n\nfields (key=value):\n" + cls.help())
+        return 0
+    try:
+        cfg = load_config(cls, argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+def _world(argv: list[str]) -> int:
+    from dynboot.world.generate import WorldConfig, generate_world
+
+    def run(cfg: WorldConfig) -> None:
+        summary = generate_world(cfg)
+        print(f"world written to {cfg.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+    return job_main(WorldConfig, run, argv, doc="dynboot world: generate the embedded world (gold, videos, test).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\ncommands:\n  world       generate the embedded world")
+        for name, (_, text) in JOBS.items():
+            print(f"  {name:<11} {text}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "world":
+        return _world(rest)
+    if cmd not in JOBS:
+        print(f"error: unknown command {cmd!r}; commands: world, {', '.join(JOBS)}", file=sys.stderr)
+        return 2
+    module = JOBS[cmd][0]
+    sys.argv = [f"dynboot {cmd}", *rest]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except ModuleNotFoundError as err:
+        if err.name and module.startswith(err.name):
+            print(f"error: `dynboot {cmd}` needs the {module} module, which is not installed here", file=sys.stderr)
+            return 2
+        raise
+    except SystemExit as ex:
+        return int(ex.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

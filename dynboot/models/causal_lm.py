@@ -1,0 +1,268 @@
+"""The causal-lm backend (Liquid-style): any transformers causal LM whose vocabulary holds text tokens
+followed by image codes at an offset, plus an image tokenizer.
+
+Constrained decoding: the FDP sampler emits only image tokens, exactly L of them; the IDP captioner emits
+only text tokens (optionally only strings from a per-pair candidate set, a trie over token ids).
+Sampling computes the shared prompt once, then repeats its KV cache N times for the N candidates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from dynboot.models.base import Example, ImageTokenizer, Task, UnifiedModel
+from dynboot.prompts import Layout, Specials, fdp_layout, idp_layout
+from dynboot.rundir import write_json
+
+CandidateFn = Callable[[np.ndarray], list[str]]  # before-image codes [L] -> admissible action strings
+
+
+class CausalLMModel(UnifiedModel):
+    backend = "causal-lm"
+
+    def __init__(self, net, text_tokenizer, image_tokenizer: ImageTokenizer, image_offset: int, specials: Specials,
+                 candidates: CandidateFn | None = None, source: str = "scratch"):
+        self.net = net
+        self.text_tokenizer = text_tokenizer
+        self.tokenizer = image_tokenizer
+        self.image_offset = image_offset
+        self.specials = specials
+        self.candidates = candidates
+        self.source = source
+        self._world_features = bool(getattr(self._config(), "cell_embeddings", False))
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _config(self):
+        return getattr(self.net, "config", None)
+
+    def text_ids(self, text: str) -> list[int]:
+        return list(self.text_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _codes(self, images_or_codes) -> torch.Tensor:
+        if isinstance(images_or_codes, torch.Tensor) and images_or_codes.dtype == torch.int64:
+            return images_or_codes.reshape(-1, self.tokenizer.tokens_per_image).cpu()
+        return self.tokenizer.encode(np.asarray(images_or_codes)).cpu()
+
+    def _vocab(self, codes: torch.Tensor) -> list[int]:
+        return (codes + self.image_offset).tolist()
+
+    def _batch(self, layouts: list[Layout], left_pad: bool = False) -> dict[str, torch.Tensor]:
+        """Pad layouts into tensors (right-padded for training/scoring, left-padded for generation)."""
+        n = max(len(l.ids) for l in layouts)
+        B = len(layouts)
+        ids = torch.full((B, n), self.specials.pad, dtype=torch.long)
+        mask = torch.zeros((B, n), dtype=torch.long)
+        target = torch.zeros((B, n), dtype=torch.bool)
+        cells = torch.full((B, n), -1, dtype=torch.long)
+        images = torch.full((B, n), -1, dtype=torch.long)
+        for i, l in enumerate(layouts):
+            sl = slice(n - len(l.ids), n) if left_pad else slice(0, len(l.ids))
+            ids[i, sl] = torch.tensor(l.ids)
+            mask[i, sl] = 1
+            target[i, sl] = torch.tensor(l.target)
+            cells[i, sl] = torch.tensor(l.cell_of)
+            images[i, sl] = torch.tensor(l.image_of)
+        out = {"input_ids": ids, "attention_mask": mask, "target": target, "cell_of": cells, "image_of": images}
+        out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return out
+
+    def _diff_flags(self, b: dict[str, torch.Tensor], a_codes: torch.Tensor, b_codes: torch.Tensor | None) -> torch.Tensor:
+        """1 + [A[i] != B[i]] at the image tokens of cell i of both images; 0 elsewhere / without B."""
+        flags = torch.zeros_like(b["input_ids"])
+        if b_codes is None:
+            return flags
+        changed = (a_codes != b_codes).long() + 1  # [B, L]
+        is_img = b["cell_of"] >= 0
+        cell = b["cell_of"].clamp(min=0)
+        flags = torch.where(is_img, torch.gather(changed, 1, cell), flags)
+        return flags
+
+    def _forward(self, net, b: dict[str, torch.Tensor], diff: torch.Tensor | None = None, **kw):
+        dev = self.device
+        args = {"input_ids": b["input_ids"].to(dev), "attention_mask": b["attention_mask"].to(dev),
+                "position_ids": b["position_ids"].to(dev), **kw}
+        if self._world_features:
+            args["cell_ids"] = b["cell_of"].to(dev)
+            args["diff_flags"] = (diff if diff is not None else torch.zeros_like(b["input_ids"])).to(dev)
+        return net(**args)
+
+    # ---- training --------------------------------------------------------------------------------
+    def collate(self, examples: list[Example], task: Task, token_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        a = self._codes(np.stack([e.before for e in examples]))
+        b = self._codes(np.stack([e.after for e in examples]))
+        layouts = []
+        for i, e in enumerate(examples):
+            act = self.text_ids(e.action)
+            if task == "idp":
+                layouts.append(idp_layout(self.specials, self._vocab(a[i]), self._vocab(b[i]), act))
+            else:
+                layouts.append(fdp_layout(self.specials, self._vocab(a[i]), act, self._vocab(b[i])))
+        batch = self._batch(layouts)
+        weights = batch.pop("target").float()
+        if task == "fdp" and token_weights is not None:
+            on_b = (batch["image_of"] == 1) & (weights > 0)
+            w = torch.gather(token_weights.float(), 1, batch["cell_of"].clamp(min=0))
+            weights = torch.where(on_b, w, weights)
+        batch["target_weights"] = weights
+        batch["diff_flags"] = self._diff_flags(batch, a, b) if task == "idp" else torch.zeros_like(batch["input_ids"])
+        return batch
+
+    def loss(self, batch: dict[str, torch.Tensor], net: torch.nn.Module | None = None) -> torch.Tensor:
+        logits = self._forward(net or self.net, batch, diff=batch.get("diff_flags")).logits
+        w = batch["target_weights"][:, 1:].to(logits.device)
+        labels = batch["input_ids"][:, 1:].to(logits.device)
+        ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        return (ce * w.reshape(-1)).sum() / w.sum().clamp(min=1e-8)
+
+    # ---- IDP -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def action_logprob(self, before, after, actions: list[str]) -> torch.Tensor:
+        a, b = self._codes(before), self._codes(after)
+        if not (len(a) == len(b) == len(actions)):
+            raise ValueError(f"batch sizes differ: {len(a)} before, {len(b)} after, {len(actions)} actions")
+        layouts = [idp_layout(self.specials, self._vocab(a[i]), self._vocab(b[i]), self.text_ids(t)) for i, t in enumerate(actions)]
+        batch = self._batch(layouts)
+        logits = self._forward(self.net, batch, diff=self._diff_flags(batch, a, b)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1)
+        labels = batch["input_ids"][:, 1:].to(logp.device)
+        tok = torch.gather(logp, 2, labels[..., None])[..., 0]
+        m = batch["target"][:, 1:].to(logp.device).float()
+        return ((tok * m).sum(1) / m.sum(1)).cpu()
+
+    def _text_mask(self, vocab: int) -> torch.Tensor:
+        allowed = torch.zeros(vocab, dtype=torch.bool)
+        allowed[: self.image_offset] = True
+        s = self.specials
+        for t in [s.bos, s.pad, *( [s.boi] if s.boi is not None else []), *([s.eoi] if s.eoi is not None else [])]:
+            allowed[t] = False
+        for t in getattr(self.text_tokenizer, "all_special_ids", []):
+            allowed[t] = False
+        allowed[s.eos] = True
+        return allowed
+
+    @torch.inference_mode()
+    def caption(self, before, after, max_new_tokens: int = 32) -> list[str]:
+        a, b = self._codes(before), self._codes(after)
+        layouts = [idp_layout(self.specials, self._vocab(a[i]), self._vocab(b[i]), None) for i in range(len(a))]
+        batch = self._batch(layouts, left_pad=True)
+        tries = None
+        if self.candidates is not None:
+            tries = [[self.text_ids(c) + [self.specials.eos] for c in self.candidates(a[i].numpy())] for i in range(len(a))]
+        out = self._decode_text(batch, self._diff_flags(batch, a, b), max_new_tokens, tries)
+        return [self.text_tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
+
+    def _decode_text(self, batch, diff, max_new_tokens: int, tries: list[list[list[int]]] | None) -> list[list[int]]:
+        cache = DynamicCache()
+        out = self._forward(self.net, batch, diff=diff, past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+        B = logits.shape[0]
+        text_ok = self._text_mask(logits.shape[-1]).to(logits.device)
+        gen: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool)
+        mask = batch["attention_mask"].to(self.device)
+        pos = batch["position_ids"][:, -1:].to(self.device)
+        for _ in range(max_new_tokens):
+            allowed = text_ok.expand(B, -1).clone()
+            if tries is not None:
+                allowed[:] = False
+                for i in range(B):
+                    t = len(gen[i])
+                    nxt = {c[t] for c in tries[i] if len(c) > t and c[:t] == gen[i]}
+                    allowed[i, list(nxt) or [self.specials.eos]] = True
+            tok = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+            tok = torch.where(done.to(tok.device), torch.full_like(tok, self.specials.pad), tok)
+            for i in range(B):
+                if not done[i]:
+                    if tok[i].item() == self.specials.eos:
+                        done[i] = True
+                    else:
+                        gen[i].append(tok[i].item())
+            if done.all():
+                break
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], 1)
+            pos = pos + 1
+            step = {"input_ids": tok[:, None].cpu(), "attention_mask": mask.cpu(), "position_ids": pos.cpu(),
+                    "cell_of": torch.full((B, 1), -1)}
+            logits = self._forward(self.net, step, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        return gen
+
+    # ---- FDP -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sample(self, before, actions: list[str], n: int = 1, temperature: float = 1.0, top_k: int = 0,
+               seed: int | None = None, use_cache: bool = True) -> torch.Tensor:
+        a = self._codes(before)
+        if len(a) != len(actions):
+            raise ValueError(f"{len(a)} images but {len(actions)} actions")
+        layouts = [fdp_layout(self.specials, self._vocab(a[i]), self.text_ids(t), None) for i, t in enumerate(actions)]
+        batch = self._batch(layouts, left_pad=True)
+        B, L, off, V = len(a), self.tokenizer.tokens_per_image, self.image_offset, self.tokenizer.codebook_size
+        gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ()).item()))
+        rep = {k: v.repeat_interleave(n, 0) for k, v in batch.items()}
+        codes = torch.empty((B * n, L), dtype=torch.long)
+        if use_cache:
+            cache = DynamicCache()
+            # the shared prompt is computed once per request, then its cache is repeated for the n samples
+            logits = self._forward(self.net, batch, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            cache.batch_repeat_interleave(n)
+            logits = logits.repeat_interleave(n, 0)
+        mask, pos = rep["attention_mask"], rep["position_ids"][:, -1:]
+        ids = rep["input_ids"]
+        for t in range(L):
+            if not use_cache:  # reference path for the benchmark: recompute the whole sequence each step
+                full = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                        "cell_of": torch.cat([rep["cell_of"], torch.arange(t).expand(B * n, t)], 1)}
+                logits = self._forward(self.net, full).logits[:, -1].float()
+            img = logits[:, off: off + V].cpu()
+            codes[:, t] = _pick(img, temperature, top_k, gen)
+            if t == L - 1:
+                break
+            mask = torch.cat([mask, torch.ones((B * n, 1), dtype=mask.dtype)], 1)
+            pos = pos + 1
+            if use_cache:
+                step = {"input_ids": codes[:, t: t + 1] + off, "attention_mask": mask, "position_ids": pos,
+                        "cell_of": torch.full((B * n, 1), t)}
+                logits = self._forward(self.net, step, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            else:
+                ids = torch.cat([ids, codes[:, t: t + 1] + off], 1)
+        return codes.reshape(B, n, L)
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.net.save_pretrained(path)
+        self.text_tokenizer.save_pretrained(path)
+        write_json(path / "dynboot.json", self.describe())
+        return path
+
+    def describe(self) -> dict:
+        """What `load` needs besides the HF files (written as dynboot.json)."""
+        s = self.specials
+        return {"backend": self.backend, "image_offset": self.image_offset,
+                "specials": {"bos": s.bos, "eos": s.eos, "sep": s.sep, "pad": s.pad, "boi": s.boi, "eoi": s.eoi,
+                             "instruction_idp": s.instruction_idp, "instruction_fdp": s.instruction_fdp,
+                             "action_pad_to": s.action_pad_to}}
+
+    @staticmethod
+    def read_description(path: str | Path) -> dict:
+        p = Path(path) / "dynboot.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"{path} has no dynboot.json: not a dynboot checkpoint directory")
+        return json.loads(p.read_text())
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]

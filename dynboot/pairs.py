@@ -1,0 +1,118 @@
+"""Pair rows: the one schema of labelled frame pairs in Parquet (pseudo-labelled shards, gold exports).
+
+    id          "video_id:frame_a:frame_b" — deterministic, so reruns and resumes never duplicate
+    video_id    source video (or gold data set name)
+    frame_a/b   frame indices in the source video (gold: the record index, twice)
+    before/after  PNG bytes (lossless: training targets must be bit-exact)
+    action      the action in words
+    source      "gold" | "pseudo"
+    model_id    IDP that wrote the label ("" for gold)
+    score       IDP mean per-token log-prob of the action (NaN for gold)
+    provenance  JSON string: where the pair came from (path, decoder, key-frame scores, job...)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dynboot.aurora import decode_image, encode_png, load_image, read_aurora
+from dynboot.models.base import Example
+
+PAIR_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("video_id", pa.string(), nullable=False),
+    pa.field("frame_a", pa.int64(), nullable=False),
+    pa.field("frame_b", pa.int64(), nullable=False),
+    pa.field("before", pa.binary(), nullable=False),
+    pa.field("after", pa.binary(), nullable=False),
+    pa.field("action", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("model_id", pa.string(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False),
+    pa.field("provenance", pa.string(), nullable=False),
+])
+COLUMNS = PAIR_SCHEMA.names
+
+
+def pair_id(video_id: str, frame_a: int, frame_b: int) -> str:
+    return f"{video_id}:{int(frame_a)}:{int(frame_b)}"
+
+
+def make_row(video_id: str, frame_a: int, frame_b: int, before: bytes | np.ndarray, after: bytes | np.ndarray,
+             action: str, source: str, model_id: str = "", score: float = math.nan, provenance: dict | None = None) -> dict[str, Any]:
+    if source not in ("gold", "pseudo"):
+        raise ValueError(f"source must be 'gold' or 'pseudo', not {source!r}")
+    enc = lambda x: x if isinstance(x, (bytes, bytearray)) else encode_png(x)  # noqa: E731
+    return {"id": pair_id(video_id, frame_a, frame_b), "video_id": video_id, "frame_a": int(frame_a),
+            "frame_b": int(frame_b), "before": bytes(enc(before)), "after": bytes(enc(after)), "action": action,
+            "source": source, "model_id": model_id, "score": float(score), "provenance": json.dumps(provenance or {})}
+
+
+def to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+
+
+def check_row(row: dict[str, Any]) -> str | None:
+    """Why a row is malformed (None when it is fine): missing fields, empty action, undecodable images."""
+    for name in ("before", "after", "action"):
+        if row.get(name) in (None, b"", ""):
+            return f"missing {name}"
+    if not isinstance(row["action"], str):
+        return "action is not a string"
+    return None
+
+
+def row_to_example(row: dict[str, Any]) -> Example:
+    """Decode a pair row; raises ValueError (naming the row) when it is malformed."""
+    problem = check_row(row)
+    if problem:
+        raise ValueError(f"row {row.get('id')!r}: {problem}")
+    try:
+        before, after = decode_image(row["before"]), decode_image(row["after"])
+    except ValueError as err:
+        raise ValueError(f"row {row.get('id')!r}: {err}") from None
+    meta = {k: row.get(k) for k in ("id", "source", "score", "provenance") if k in row}
+    return Example(before, after, row["action"], meta)
+
+
+def read_pairs(path: str | Path) -> pa.Table:
+    """All pair rows under a shard directory or file (hidden and temp files are skipped)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        return PAIR_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=PAIR_SCHEMA) for f in files])
+
+
+def gold_rows(aurora_json: str | Path, name: str | None = None) -> Iterator[dict[str, Any]]:
+    """AURORA records as gold pair rows; records with a missing/unreadable image are skipped by the caller's
+    choice: this raises ValueError for them, naming the record."""
+    aurora_json = Path(aurora_json)
+    name = name or aurora_json.parent.name
+    for rec in read_aurora(aurora_json):
+        if rec.output is None:
+            continue
+        try:
+            before = (aurora_json.parent / rec.input).read_bytes()
+            after = (aurora_json.parent / rec.output).read_bytes()
+        except OSError as err:
+            raise ValueError(f"{aurora_json} record {rec.index}: {err}") from None
+        yield make_row(name, rec.index, rec.index, before, after, rec.instruction, "gold",
+                       provenance={"file": str(aurora_json), "index": rec.index, "task": rec.task})
+
+
+def load_examples(aurora_json: str | Path, limit: int | None = None) -> list[Example]:
+    """Gold examples from an AURORA JSON file, images decoded."""
+    aurora_json = Path(aurora_json)
+    out = []
+    for rec in read_aurora(aurora_json)[:limit]:
+        out.append(Example(load_image(aurora_json.parent / rec.input), load_image(aurora_json.parent / rec.output),
+                           rec.instruction, {"id": f"{aurora_json.parent.name}:{rec.index}", "source": "gold"}))
+    return out

@@ -1,0 +1,21 @@
+"""Shared fixtures: a small generated world (session-scoped), a local Ray cluster started by the test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_ACCEPT_ENV_VAR_OVERRIDES", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """A small embedded world: 200 gold pairs, 12 videos, 100 test pairs."""
+    from dynboot.world.generate import WorldConfig, generate_world
+
+    out = tmp_path_factory.mktemp("world")
+    generate_world(WorldConfig(out=str(out), gold=200, videos=12, test=100, seed=0, workers=1))
+    return out
