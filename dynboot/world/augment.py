@@ -37,3 +37,24 @@ def augment_pair(
     if action is None:
         raise ValueError("augmented pair has no single action; the input pair was not a world transition")
     return a, b, action
+
+
+def world_augmenter(spec: WorldSpec):
+    """An augmenter for training batches of world image pairs: parse, transform, re-render, re-label.
+
+    An inductive bias of the embedded world's data (real videos have no exact parser), so the train job
+    turns it on only for world data.
+    """
+    from dynboot.models.base import Example
+    from dynboot.world.render import parse, render
+
+    def augment(examples: list[Example], rng: np.random.Generator) -> list[Example]:
+        before = parse(spec, np.stack([e.before for e in examples]))
+        after = parse(spec, np.stack([e.after for e in examples]))
+        out = []
+        for e, a0, b0 in zip(examples, before, after):
+            a, b, action = augment_pair(spec, a0, b0, rng)
+            out.append(Example(render(spec, a), render(spec, b), action.text(spec), e.meta))
+        return out
+
+    return augment
