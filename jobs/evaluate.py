@@ -1,0 +1,413 @@
+"""Evaluation job: FDP best-of-N (IDP as verifier) and IDP captions over a world test split or
+Aurora-Bench, as a Ray Data batch job; world metrics, an LLM judge for Aurora, IDP text metrics, a report.
+
+    dynboot eval jobs/configs/evaluate.yaml data=runs/world/test fdp_path=runs/fdp idp_path=runs/idp
+    python -m jobs.evaluate jobs/configs/evaluate.yaml data=aurora/test.json fdp_path=... idp_path=... \\
+        judge_model=gpt-4o-2024-11-20            # key from $OPENAI_API_KEY (or judge_api_key_env=NAME)
+    ray job submit --working-dir . -- python -m jobs.evaluate jobs/configs/evaluate.yaml data=... out=...
+
+Stages:
+  1. load: records + images (PNG bytes); a missing or unreadable image is quarantined, not fatal
+  2. predict (Ray Data, actor pool holding the models): max(n) FDP samples per item, seeded per item so
+     results do not depend on batching or actors; verifier scores; a greedy sample; IDP captions
+  3. judge (Aurora only): the candidates any N chooses, and the greedy edit, through `dynboot.judge`
+  4. metrics: best-of-N over disjoint groups of the same samples (`dynboot.metrics`), oracle, greedy;
+     IDP exact / structured / BLEU / ROUGE-L; pseudo-label accuracy of a relabel output when asked
+  5. write: predictions.parquet, metrics.json, summary.json, report.md, grid.png, score_vs_n.png
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from dynboot.aurora import decode_image, encode_png, read_aurora
+from dynboot.cli import job_main
+from dynboot.config import Config, save_config
+from dynboot.rundir import RunDir, append_jsonl, atomic_write_bytes, write_json
+
+AURORA_SUBSETS = ["magicbrush", "ag", "something", "whatsup", "kubric"]  # the 5 with targets (paper §5.1)
+
+
+class EvalConfig(Config):
+    """dynboot eval: FDP best-of-N + IDP over a world test split or Aurora-Bench."""
+
+    data: str = Field("runs/world/test", description="World test dir (or its test.json), or an AURORA-format test.json.")
+    mode: Literal["auto", "world", "aurora"] = Field("auto", description="auto: world when truth.jsonl sits beside test.json.")
+    fdp_path: str = Field("", description="FDP checkpoint dir; empty = no FDP evaluation.")
+    idp_path: str = Field("", description="IDP checkpoint dir (verifier + captions); empty = no IDP, N=1 only.")
+    backend: str = Field("", description="Backend name; empty = read from each checkpoint's dynboot.json.")
+    n: list[int] = Field([1, 2, 4, 8], description="Best-of-N values; max(n) samples per item, reused by every N.")
+    temperature: float = Field(1.0, ge=0, description="FDP sampling temperature (paper: 1).")
+    top_k: int = Field(0, ge=0, description="FDP top-k (0 = off).")
+    seed: int = Field(0, description="Sampling seed; item i samples with seed + i.")
+    greedy: bool = Field(True, description="Also evaluate one greedy (temperature 0) FDP sample per item.")
+    batch_size: int = Field(8, ge=1, description="Items per predictor call.")
+    limit: int = Field(0, ge=0, description="Evaluate only the first `limit` items (0 = all).")
+    subsets: list[str] = Field(AURORA_SUBSETS, description="Aurora tasks to evaluate (empty = all).")
+    judge: bool = Field(True, description="Aurora: judge FDP edits with the LLM judge.")
+    judge_model: str = Field("gpt-4o-2024-11-20", description="Judge model name.")
+    judge_base_url: str = Field("", description="OpenAI-compatible base URL; empty = api.openai.com.")
+    judge_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the judge API key.")
+    judge_concurrency: int = Field(4, ge=1, description="Judge requests in flight.")
+    judge_max_retries: int = Field(6, ge=0, description="Retries on 429 / 5xx / connection errors (exponential back-off).")
+    judge_backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles each retry.")
+    judge_cache: str = Field("", description="Judge reply cache (JSONL); empty = <out>/judge_cache.jsonl.")
+    relabel_dir: str = Field("", description="A relabel run's shards dir: score its pseudo-labels against `truth`.")
+    truth: str = Field("", description="videos_truth.jsonl for relabel_dir.")
+    out: str = Field("runs/eval", description="Run directory.")
+    use_ray: bool = Field(True, description="Run prediction as a Ray Data job (false: in this process).")
+    actors: int = Field(1, ge=1, description="Max predictor actors (each holds the FDP and IDP).")
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs per predictor actor (fractional on small machines).")
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs per predictor actor.")
+    device: str = Field("cpu", description="Torch device inside the predictor.")
+    threads: int = Field(1, ge=0, description="Torch intra-op threads per predictor (0 = torch default); >1 on a "
+                         "busy small CPU box oversubscribes it (measured 100x slower sampling).")
+    grid_examples: int = Field(6, ge=0, description="Items shown in grid.png.")
+
+    @field_validator("n")
+    @classmethod
+    def _n_positive(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError("n must be a non-empty list of values >= 1")
+        return sorted(set(v))
+
+
+# ---- 1. load ---------------------------------------------------------------------------------------
+def resolve_data(cfg: EvalConfig) -> tuple[str, Path]:
+    p = Path(cfg.data)
+    json_path = p / "test.json" if p.is_dir() else p
+    if not json_path.is_file():
+        raise FileNotFoundError(f"data={cfg.data!r}: no such file (expected a test.json or a directory holding one)")
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "world" if (json_path.parent / "truth.jsonl").is_file() else "aurora"
+    return mode, json_path
+
+
+def load_items(cfg: EvalConfig, mode: str, json_path: Path, run: RunDir) -> list[dict]:
+    """Rows {index, task, instruction, before, target} with PNG bytes. An unreadable input image skips the
+    item; an unreadable target only drops the target (the judge never sees targets; the IDP needs them).
+    Both are reported in quarantine/inputs.jsonl."""
+    tasks = None if mode == "world" or not cfg.subsets else list(cfg.subsets)
+    records = read_aurora(json_path, tasks)
+    items = []
+
+    def read(rel: str, stage: str, rec) -> bytes | None:
+        try:
+            return encode_png(decode_image((json_path.parent / rel).read_bytes()))
+        except (OSError, ValueError) as err:
+            append_jsonl(run.quarantine / "inputs.jsonl", {"index": rec.index, "task": rec.task, "path": rel,
+                                                           "stage": stage, "error": f"{type(err).__name__}: {err}"})
+            return None
+
+    for rec in records[: cfg.limit or None]:
+        before = read(rec.input, "load input", rec)
+        if before is None:
+            continue
+        target = (read(rec.output, "load target", rec) if rec.output else None) or b""
+        if mode == "world" and not target:
+            continue  # a world item with a broken file is broken data: skipped (and reported) whole
+        items.append({"index": rec.index, "task": rec.task, "instruction": rec.instruction, "before": before, "target": target})
+    return items
+
+
+# ---- 2. predict --------------------------------------------------------------------------------------
+class Predictor:
+    """Holds the FDP and IDP; one call = one batch of items (pyarrow in, pyarrow out)."""
+
+    def __init__(self, cfg: dict):
+        import torch
+
+        from dynboot.models.registry import load_model
+
+        self.cfg = c = EvalConfig.model_validate(cfg)
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        load = lambda p: load_model(p, backend=c.backend or None, device=c.device).eval()  # noqa: E731
+        self.fdp = load(c.fdp_path) if c.fdp_path else None
+        self.idp = (self.fdp if c.idp_path == c.fdp_path else load(c.idp_path)) if c.idp_path else None
+        self.m = max(c.n) if self.idp is not None else 1
+
+    def _predict(self, rows: list[dict]) -> list[dict]:
+        out = [{"index": r["index"], "candidates": [], "scores": [], "greedy": b"", "caption": "", "error": ""} for r in rows]
+        before = [decode_image(r["before"]) for r in rows]
+        after = [decode_image(r["target"]) if r["target"] else None for r in rows]
+        # backends take [B, H, W, 3] arrays: images of one size go together (Aurora sizes vary)
+        if self.fdp is not None:
+            for idx in _same_shape(range(len(rows)), lambda i: before[i].shape):
+                self._fdp([rows[i] for i in idx], np.stack([before[i] for i in idx]), [out[i] for i in idx])
+        if self.idp is not None:
+            for idx in _same_shape([i for i in range(len(rows)) if after[i] is not None], lambda i: (before[i].shape, after[i].shape)):
+                caps = self.idp.caption(np.stack([before[i] for i in idx]), np.stack([after[i] for i in idx]))
+                for i, cap in zip(idx, caps):
+                    out[i]["caption"] = cap
+        return out
+
+    def _fdp(self, rows: list[dict], before: np.ndarray, out: list[dict]) -> None:
+        from dynboot.best_of_n import score_candidates
+
+        c, B, actions = self.cfg, len(rows), [r["instruction"] for r in rows]
+        # one sample call per item, seeded by the item's index: identical results for any batching
+        cand = np.concatenate([self.fdp.sample(before[i: i + 1], [actions[i]], n=self.m, temperature=c.temperature,
+                                               top_k=c.top_k, seed=c.seed + int(rows[i]["index"])).numpy() for i in range(B)])
+        images = self.fdp.tokenizer.decode(_tensor(cand.reshape(B * self.m, -1)))
+        images = images.reshape(B, self.m, *images.shape[1:])
+        if self.idp is None:
+            scores = np.full((B, self.m), np.nan)
+        elif _same_tokenizer(self.fdp, self.idp):  # score the codes directly (no decode / re-encode)
+            scores = score_candidates(self.idp, before, _tensor(cand), actions).numpy()
+        else:  # a verifier of another family sees the decoded images
+            scores = self.idp.action_logprob(np.repeat(before, self.m, 0), images.reshape(B * self.m, *images.shape[2:]),
+                                             [a for a in actions for _ in range(self.m)]).numpy().reshape(B, self.m)
+        for i in range(B):
+            out[i]["candidates"] = [encode_png(im) for im in images[i]]
+            out[i]["scores"] = [float(s) for s in scores[i]]
+        if c.greedy:
+            g = self.fdp.tokenizer.decode(self.fdp.sample(before, actions, n=1, temperature=0.0)[:, 0])
+            for i in range(B):
+                out[i]["greedy"] = encode_png(g[i])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        try:
+            out = self._predict(rows)
+        except Exception:  # noqa: BLE001 - find the bad item(s): rerun one by one, record each failure
+            out = []
+            for r in rows:
+                try:
+                    out.extend(self._predict([r]))
+                except Exception as err:  # noqa: BLE001
+                    out.append({"index": r["index"], "candidates": [], "scores": [], "greedy": b"", "caption": "",
+                                "error": f"{type(err).__name__}: {err}"[:500]})
+        return pa.Table.from_pylist(out, schema=PREDICTION_SCHEMA)
+
+
+PREDICTION_SCHEMA = pa.schema([("index", pa.int64()), ("candidates", pa.list_(pa.binary())), ("scores", pa.list_(pa.float64())),
+                               ("greedy", pa.binary()), ("caption", pa.string()), ("error", pa.string())])
+
+
+def _same_tokenizer(a, b) -> bool:
+    ta, tb = a.tokenizer, b.tokenizer
+    return a is b or (type(ta) is type(tb) and (ta.codebook_size, ta.tokens_per_image, ta.image_size)
+                      == (tb.codebook_size, tb.tokens_per_image, tb.image_size))
+
+
+def _same_shape(indices, key) -> list[list[int]]:
+    groups: dict = {}
+    for i in indices:
+        groups.setdefault(key(i), []).append(i)
+    return list(groups.values())
+
+
+def _tensor(x):
+    import torch
+
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.int64)
+
+
+def predict(cfg: EvalConfig, items: list[dict]) -> list[dict]:
+    if not cfg.use_ray:
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            predictor = Predictor(cfg.model_dump())
+            tables = [predictor(pa.Table.from_pylist(items[i: i + cfg.batch_size])) for i in range(0, len(items), cfg.batch_size)]
+        finally:
+            torch.set_num_threads(threads)  # this process's setting, as it was
+        return sorted((r for t in tables for r in t.to_pylist()), key=lambda r: r["index"])
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`, else starts a local one
+    try:
+        ds = ray.data.from_items(items)
+        ds = ds.map_batches(  # stateful actors: models load once per actor, not per batch
+            Predictor, fn_constructor_kwargs={"cfg": cfg.model_dump()}, batch_size=cfg.batch_size,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+            num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)
+        return sorted(ds.take_all(), key=lambda r: r["index"])
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---- 3-4. judge and metrics ---------------------------------------------------------------------------
+def _scenes_of(spec, pngs: list[bytes]) -> np.ndarray:
+    """PNG images -> world scenes [K, L] with the world's exact parser (resized to the world's size first)."""
+    from PIL import Image
+
+    from dynboot.world import parse
+
+    px = spec.image_px
+    ims = [decode_image(b) for b in pngs]
+    ims = [im if im.shape[:2] == (px, px) else np.asarray(Image.fromarray(im).resize((px, px), Image.NEAREST)) for im in ims]
+    return parse(spec, np.stack(ims))
+
+
+def world_metrics(cfg: EvalConfig, json_path: Path, rows: list[dict], ns: list[int]) -> dict:
+    from dynboot.metrics import best_of_n_world, fdp_world_metrics, idp_world_metrics
+    from dynboot.rundir import read_jsonl
+    from dynboot.textmetrics import text_metrics
+    from dynboot.world.generate import load_spec
+
+    spec = load_spec(json_path.parent)
+    truth = {t["index"]: t for t in read_jsonl(json_path.parent / "truth.jsonl")}
+    out: dict = {}
+    ok = [r for r in rows if r.get("candidates") and not r.get("error")]
+    if ok:
+        before = np.array([truth[r["index"]]["before"] for r in ok])
+        target = np.array([truth[r["index"]]["after"] for r in ok])
+        types = [truth[r["index"]]["type"] for r in ok]
+        cand = np.stack([_scenes_of(spec, r["candidates"]) for r in ok])
+        out["fdp"] = best_of_n_world(cand, np.array([r["scores"] for r in ok]), before, target, types, ns)
+        if cfg.greedy:
+            out["fdp"]["greedy"] = fdp_world_metrics(_scenes_of(spec, [r["greedy"] for r in ok]), before, target, types)
+        for r, c, t in zip(ok, cand, target):  # per-candidate correctness, for predictions.parquet and the grid
+            r["correct"] = [bool(x) for x in (c == t).all(-1)]
+    capped = [r for r in rows if r.get("caption") is not None and cfg.idp_path and not r.get("error")]
+    if capped:
+        caps, gold = [r["caption"] for r in capped], [r["instruction"] for r in capped]
+        out["idp"] = idp_world_metrics(spec, caps, gold) | {"text": text_metrics(caps, gold)}
+    if cfg.relabel_dir:
+        out["pseudo_labels"] = pseudo_labels(cfg)
+    return out
+
+
+def pseudo_labels(cfg: EvalConfig) -> dict:
+    if not cfg.truth:
+        return {"error": "relabel_dir= needs truth= (the world's videos_truth.jsonl)"}
+    try:
+        from dynboot.pseudo_labels import pseudo_label_accuracy  # written by the relabel work; optional here
+    except ImportError as err:
+        return {"error": f"dynboot.pseudo_labels is not available: {err}"}
+    return pseudo_label_accuracy(cfg.relabel_dir, cfg.truth)
+
+
+def make_judge(cfg: EvalConfig, run_dir: RunDir):
+    """The judge, made before any prediction so that a missing API key fails fast and costs nothing."""
+    from dynboot.judge import Judge, JudgeError
+
+    try:
+        return Judge(cfg.judge_model, base_url=cfg.judge_base_url or None, api_key_env=cfg.judge_api_key_env,
+                     cache_path=cfg.judge_cache or run_dir.path("judge_cache.jsonl"), concurrency=cfg.judge_concurrency,
+                     max_retries=cfg.judge_max_retries, backoff_s=cfg.judge_backoff_s)
+    except JudgeError as err:
+        raise SystemExit(f"error: {err} (or run without it: judge=false)") from None
+
+
+def aurora_metrics(cfg: EvalConfig, rows: list[dict], ns: list[int], judge) -> dict:
+    from dynboot.metrics import best_of_n_judged, group_choices, mean_by
+    from dynboot.textmetrics import text_metrics
+
+    present = {r["task"] for r in rows}
+    out: dict = {"subsets": [t for t in cfg.subsets if t in present] + sorted(present - set(cfg.subsets))}  # report order
+    m = max((len(r.get("candidates") or []) for r in rows), default=0)
+    if m and judge is not None:
+        scores = np.array([r["scores"] if len(r.get("scores") or []) == m else [np.nan] * m for r in rows])
+        # judge only what some N chooses (with N=1 in n that is every candidate) plus the greedy edit
+        wanted = [sorted({int(j) for n in ns for j in group_choices(scores, n)[i]}) if rows[i].get("candidates") else []
+                  for i in range(len(rows))]
+        reqs = [(i, j, rows[i]["candidates"][j]) for i in range(len(rows)) for j in wanted[i]]
+        reqs += [(i, -1, r["greedy"]) for i, r in enumerate(rows) if r.get("greedy")]
+        print(f"[eval] judging {len(reqs)} edits with {cfg.judge_model}", flush=True)
+        step = max(1, len(reqs) // 10)
+        progress = lambda done, total: done % step == 0 and print(f"[eval] judged {done}/{total} new edits", flush=True)  # noqa: E731
+        results = judge.score_many([(rows[i]["before"], img, rows[i]["instruction"]) for i, _, img in reqs], progress)
+        arrays = {k: np.full((len(rows), m), np.nan) for k in ("score", "success", "minimal")}
+        greedy = {k: [None] * len(rows) for k in arrays}
+        for (i, j, _), res in zip(reqs, results):
+            for k in arrays:
+                v = getattr(res, k)
+                if j >= 0:
+                    arrays[k][i, j] = np.nan if v is None else v
+                else:
+                    greedy[k][i] = v
+        for i, r in enumerate(rows):
+            r["judge_scores"] = [None if np.isnan(v) else float(v) for v in arrays["score"][i]]
+        tasks = [r["task"] for r in rows]
+        out["judge"] = {k: best_of_n_judged(arrays[k], scores, tasks, ns) for k in arrays}
+        if cfg.greedy:
+            out["judge"]["greedy"] = {k: mean_by(greedy[k], tasks) for k in greedy}
+        out["judge"]["stats"] = dict(judge.stats)
+        out["judge"]["model"] = cfg.judge_model
+        judge.close()
+    capped = [r for r in rows if r.get("caption") and r.get("target")]
+    if cfg.idp_path and capped:
+        by_task = {t: text_metrics([r["caption"] for r in capped if r["task"] == t], [r["instruction"] for r in capped if r["task"] == t])
+                   for t in sorted({r["task"] for r in capped})}
+        out["idp"] = {"by_task": by_task, "overall": text_metrics([r["caption"] for r in capped], [r["instruction"] for r in capped])}
+    return out
+
+
+# ---- 5. write ----------------------------------------------------------------------------------------
+def write_predictions(rows: list[dict], ns: list[int], path: Path) -> None:
+    from dynboot.metrics import group_choices
+
+    keep = ("index", "task", "instruction", "before", "target", "candidates", "scores", "greedy", "caption", "error",
+            "correct", "judge_scores")
+    out = []
+    for r in rows:
+        row = {k: r.get(k) for k in keep}
+        if r.get("scores"):
+            row["chosen"] = json.dumps({str(n): group_choices(np.array([r["scores"]]), n)[0].tolist() for n in ns})
+        out.append(row)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(out), buf)
+    atomic_write_bytes(path, buf.getvalue().to_pybytes())
+
+
+def run(cfg: EvalConfig) -> dict:
+    from dynboot.report import eval_report, headline
+
+    t0 = time.time()
+    run_dir = RunDir(cfg.out)
+    save_config(cfg, run_dir.root)
+    (run_dir.quarantine / "inputs.jsonl").unlink(missing_ok=True)  # this run's skips only
+    mode, json_path = resolve_data(cfg)
+    items = load_items(cfg, mode, json_path, run_dir)
+    if not items:
+        raise SystemExit(f"error: no readable items in {json_path} (subsets={cfg.subsets}); see {run_dir.quarantine}")
+    ns = cfg.n if cfg.idp_path else [1]  # without a verifier there is nothing to choose with
+    judge = make_judge(cfg, run_dir) if mode == "aurora" and cfg.judge and cfg.fdp_path else None
+    print(f"[eval] {mode}: {len(items)} items from {json_path}, N={ns}, ray={cfg.use_ray}", flush=True)
+    t1 = time.time()
+    preds = predict(cfg, items) if (cfg.fdp_path or cfg.idp_path) else [{"index": r["index"]} for r in items]
+    t2 = time.time()
+    for p in preds:
+        if p.get("error"):
+            append_jsonl(run_dir.quarantine / "inputs.jsonl", {"index": p["index"], "stage": "predict", "error": p["error"]})
+    by_index = {p["index"]: p for p in preds}
+    rows = [{**it, **by_index.get(it["index"], {})} for it in items]
+    metrics = world_metrics(cfg, json_path, rows, ns) if mode == "world" else aurora_metrics(cfg, rows, ns, judge)
+    t3 = time.time()
+    write_predictions(rows, ns, run_dir.path("predictions.parquet"))
+    write_json(run_dir.path("metrics.json"), {"mode": mode, "data": str(json_path), "n": ns, **metrics})
+    table = eval_report(run_dir.root, mode, metrics, rows, ns, cfg.grid_examples, title=f"dynboot eval: {json_path}")
+    quarantined = len((run_dir.quarantine / "inputs.jsonl").read_text().splitlines()) if (run_dir.quarantine / "inputs.jsonl").exists() else 0
+    summary = {"mode": mode, "items": len(items), "quarantined": quarantined,
+               "predict_errors": sum(bool(p.get("error")) for p in preds), "n": ns,
+               "seconds": {"load": round(t1 - t0, 2), "predict": round(t2 - t1, 2), "metrics": round(t3 - t2, 2),
+                           "total": round(time.time() - t0, 2)},
+               "items_per_s": round(len(items) / max(t2 - t1, 1e-9), 2)}
+    summary["headline"] = headline(metrics)
+    if "judge" in metrics:
+        summary["judge"] = metrics["judge"]["stats"]
+    run_dir.write_summary(summary)
+    run_dir.log(stage="eval", **summary["seconds"])
+    print(table, flush=True)
+    print(f"[eval] wrote {run_dir.root}/report.md in {summary['seconds']['total']} s", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    raise SystemExit(job_main(EvalConfig, run, doc=__doc__))
