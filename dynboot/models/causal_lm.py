@@ -4,6 +4,11 @@ followed by image codes at an offset, plus an image tokenizer.
 Constrained decoding: the FDP sampler emits only image tokens, exactly L of them; the IDP captioner emits
 only text tokens (optionally only strings from a per-pair candidate set, a trie over token ids).
 Sampling computes the shared prompt once, then repeats its KV cache N times for the N candidates.
+Optional classifier-free guidance (`guidance_scale` != 1) decodes an unconditional row per candidate in the
+same batch: the FDP prompt with the action dropped but the before image kept.
+
+Subclasses whose image codes do not sit at one contiguous offset (Chameleon's BPE image tokens) override
+`codes_to_ids`, `image_logits` and `_text_vocab`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class CausalLMModel(UnifiedModel):
     backend = "causal-lm"
 
     def __init__(self, net, text_tokenizer, image_tokenizer: ImageTokenizer, image_offset: int, specials: Specials,
-                 candidates: CandidateFn | None = None, source: str = "scratch"):
+                 candidates: CandidateFn | None = None, source: str = "scratch", guidance_scale: float = 1.0):
         self.net = net
         self.text_tokenizer = text_tokenizer
         self.tokenizer = image_tokenizer
@@ -36,6 +41,7 @@ class CausalLMModel(UnifiedModel):
         self.specials = specials
         self.candidates = candidates
         self.source = source
+        self.guidance_scale = guidance_scale
         self._world_features = bool(getattr(self._config(), "cell_embeddings", False))
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -50,28 +56,19 @@ class CausalLMModel(UnifiedModel):
             return images_or_codes.reshape(-1, self.tokenizer.tokens_per_image).cpu()
         return self.tokenizer.encode(np.asarray(images_or_codes)).cpu()
 
+    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """Image codes -> vocabulary ids."""
+        return codes + self.image_offset
+
+    def image_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., vocab] -> [..., codebook]: the logits of the image tokens, in code order."""
+        return logits[..., self.image_offset: self.image_offset + self.tokenizer.codebook_size]
+
     def _vocab(self, codes: torch.Tensor) -> list[int]:
-        return (codes + self.image_offset).tolist()
+        return self.codes_to_ids(codes).tolist()
 
     def _batch(self, layouts: list[Layout], left_pad: bool = False) -> dict[str, torch.Tensor]:
-        """Pad layouts into tensors (right-padded for training/scoring, left-padded for generation)."""
-        n = max(len(l.ids) for l in layouts)
-        B = len(layouts)
-        ids = torch.full((B, n), self.specials.pad, dtype=torch.long)
-        mask = torch.zeros((B, n), dtype=torch.long)
-        target = torch.zeros((B, n), dtype=torch.bool)
-        cells = torch.full((B, n), -1, dtype=torch.long)
-        images = torch.full((B, n), -1, dtype=torch.long)
-        for i, l in enumerate(layouts):
-            sl = slice(n - len(l.ids), n) if left_pad else slice(0, len(l.ids))
-            ids[i, sl] = torch.tensor(l.ids)
-            mask[i, sl] = 1
-            target[i, sl] = torch.tensor(l.target)
-            cells[i, sl] = torch.tensor(l.cell_of)
-            images[i, sl] = torch.tensor(l.image_of)
-        out = {"input_ids": ids, "attention_mask": mask, "target": target, "cell_of": cells, "image_of": images}
-        out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        return out
+        return pad_layouts(layouts, self.specials.pad, left_pad)
 
     def _diff_flags(self, b: dict[str, torch.Tensor], a_codes: torch.Tensor, b_codes: torch.Tensor | None) -> torch.Tensor:
         """1 + [A[i] != B[i]] at the image tokens of cell i of both images; 0 elsewhere / without B."""
@@ -136,9 +133,14 @@ class CausalLMModel(UnifiedModel):
         m = batch["target"][:, 1:].to(logp.device).float()
         return ((tok * m).sum(1) / m.sum(1)).cpu()
 
-    def _text_mask(self, vocab: int) -> torch.Tensor:
+    def _text_vocab(self, vocab: int) -> torch.Tensor:
+        """Ids that are text (before special-token removal)."""
         allowed = torch.zeros(vocab, dtype=torch.bool)
         allowed[: self.image_offset] = True
+        return allowed
+
+    def _text_mask(self, vocab: int) -> torch.Tensor:
+        allowed = self._text_vocab(vocab)
         s = self.specials
         for t in [s.bos, s.pad, *( [s.boi] if s.boi is not None else []), *([s.eoi] if s.eoi is not None else [])]:
             allowed[t] = False
@@ -196,13 +198,17 @@ class CausalLMModel(UnifiedModel):
     # ---- FDP -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def sample(self, before, actions: list[str], n: int = 1, temperature: float = 1.0, top_k: int = 0,
-               seed: int | None = None, use_cache: bool = True) -> torch.Tensor:
+               seed: int | None = None, use_cache: bool = True, guidance_scale: float | None = None) -> torch.Tensor:
         a = self._codes(before)
         if len(a) != len(actions):
             raise ValueError(f"{len(a)} images but {len(actions)} actions")
+        cfg = self.guidance_scale if guidance_scale is None else guidance_scale
         layouts = [fdp_layout(self.specials, self._vocab(a[i]), self.text_ids(t), None) for i, t in enumerate(actions)]
+        if cfg != 1.0:  # unconditional rows: same before image, no action
+            layouts += [fdp_layout(self.specials, self._vocab(a[i]), [], None) for i in range(len(a))]
         batch = self._batch(layouts, left_pad=True)
-        B, L, off, V = len(a), self.tokenizer.tokens_per_image, self.image_offset, self.tokenizer.codebook_size
+        B, L = len(a), self.tokenizer.tokens_per_image
+        R = len(layouts) * n  # rows decoded together
         gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ()).item()))
         rep = {k: v.repeat_interleave(n, 0) for k, v in batch.items()}
         codes = torch.empty((B * n, L), dtype=torch.long)
@@ -217,20 +223,24 @@ class CausalLMModel(UnifiedModel):
         for t in range(L):
             if not use_cache:  # reference path for the benchmark: recompute the whole sequence each step
                 full = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-                        "cell_of": torch.cat([rep["cell_of"], torch.arange(t).expand(B * n, t)], 1)}
+                        "cell_of": torch.cat([rep["cell_of"], torch.arange(t).expand(R, t)], 1)}
                 logits = self._forward(self.net, full).logits[:, -1].float()
-            img = logits[:, off: off + V].cpu()
+            img = self.image_logits(logits).cpu()
+            if cfg != 1.0:
+                img = img[B * n:] + cfg * (img[: B * n] - img[B * n:])
             codes[:, t] = _pick(img, temperature, top_k, gen)
             if t == L - 1:
                 break
-            mask = torch.cat([mask, torch.ones((B * n, 1), dtype=mask.dtype)], 1)
+            nxt = self.codes_to_ids(codes[:, t: t + 1])
+            nxt = nxt.repeat(R // (B * n), 1)  # the unconditional rows continue with the same codes
+            mask = torch.cat([mask, torch.ones((R, 1), dtype=mask.dtype)], 1)
             pos = pos + 1
             if use_cache:
-                step = {"input_ids": codes[:, t: t + 1] + off, "attention_mask": mask, "position_ids": pos,
-                        "cell_of": torch.full((B * n, 1), t)}
+                step = {"input_ids": nxt, "attention_mask": mask, "position_ids": pos,
+                        "cell_of": torch.full((R, 1), t)}
                 logits = self._forward(self.net, step, past_key_values=cache, use_cache=True).logits[:, -1].float()
             else:
-                ids = torch.cat([ids, codes[:, t: t + 1] + off], 1)
+                ids = torch.cat([ids, nxt], 1)
         return codes.reshape(B, n, L)
 
     # ---- persistence -----------------------------------------------------------------------------
@@ -256,6 +266,27 @@ class CausalLMModel(UnifiedModel):
         if not p.is_file():
             raise FileNotFoundError(f"{path} has no dynboot.json: not a dynboot checkpoint directory")
         return json.loads(p.read_text())
+
+
+def pad_layouts(layouts: list[Layout], pad: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
+    """Pad layouts into tensors (right-padded for training/scoring, left-padded for generation)."""
+    n = max(len(l.ids) for l in layouts)
+    B = len(layouts)
+    ids = torch.full((B, n), pad, dtype=torch.long)
+    mask = torch.zeros((B, n), dtype=torch.long)
+    target = torch.zeros((B, n), dtype=torch.bool)
+    cells = torch.full((B, n), -1, dtype=torch.long)
+    images = torch.full((B, n), -1, dtype=torch.long)
+    for i, l in enumerate(layouts):
+        sl = slice(n - len(l.ids), n) if left_pad else slice(0, len(l.ids))
+        ids[i, sl] = torch.tensor(l.ids)
+        mask[i, sl] = 1
+        target[i, sl] = torch.tensor(l.target)
+        cells[i, sl] = torch.tensor(l.cell_of)
+        images[i, sl] = torch.tensor(l.image_of)
+    out = {"input_ids": ids, "attention_mask": mask, "target": target, "cell_of": cells, "image_of": images}
+    out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return out
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> torch.Tensor:

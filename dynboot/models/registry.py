@@ -14,6 +14,9 @@ from dynboot.models.base import UnifiedModel
 
 BACKENDS: dict[str, str] = {
     "tiny": "dynboot.models.tiny:TinyWorldModel",
+    "liquid": "dynboot.models.liquid:LiquidModel",
+    "anole": "dynboot.models.anole:AnoleModel",
+    "janus": "dynboot.models.janus:JanusProModel",
 }
 
 
