@@ -1,0 +1,100 @@
+"""`dynboot serve`: start the best-of-N Serve app on a local Ray cluster (or an existing one) and wait.
+
+    dynboot serve generator_path=runs/quickstart/fdp/checkpoint verifier_path=runs/quickstart/idp/checkpoint
+    dynboot serve my_serve.yaml port=8001 max_n=8 generator.autoscaling.max_replicas=4
+    python -m serve.run_local generator_path=... verifier_path=...          # the same program
+
+On a cluster use the Serve config instead: `serve run serve/config.yaml` (local) or
+`serve deploy serve/config.yaml -a http://<head>:8265` (needs the dashboard; see serve/config.yaml).
+
+Set DYNBOOT_API_TOKEN (or the env var named by `api_token_env`) to require `Authorization: Bearer <token>`.
+Ctrl-C or SIGTERM deletes the app and stops the Ray cluster this command started (never anyone else's).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from pydantic import Field
+
+from dynboot.cli import job_main
+from serve.schemas import AppArgs
+
+
+class ServeConfig(AppArgs):
+    """Everything `build_app` takes (checkpoints, limits, auth, tiers) plus where to listen and which Ray to use."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to listen on every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    app_name: str = Field("dynboot", description="Serve application name.")
+    route_prefix: str = Field("/", description="URL prefix of the app.")
+    ray_address: str = Field("", description="Ray cluster to join ('auto' or host:port); empty starts a local one.")
+    num_cpus: int = Field(0, ge=0, description=(
+        "Logical CPUs of the local cluster (0 = the machine's count; more than the cores is fine for "
+        "fractional replicas)."))
+
+    def app_args(self) -> dict:
+        return self.model_dump(mode="json", include=set(AppArgs.model_fields))
+
+
+def start(cfg: ServeConfig) -> str:
+    """Start Ray (unless joined) + Serve, deploy the app, return its URL once every tier is up."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    app = build_app(cfg.app_args())  # checks the checkpoints before anything starts
+    if not ray.is_initialized():
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address)
+        else:
+            ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def stop(cfg: ServeConfig) -> None:
+    """Delete our app; shut Serve and Ray down only when this process started the cluster."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    serve.delete(cfg.app_name)
+    if not cfg.ray_address:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run(cfg: ServeConfig) -> None:
+    try:
+        cfg.check_paths()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    done = threading.Event()
+
+    def on_signal(*_):
+        done.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        url = start(cfg)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # again: ray.init installs its own handler, which aborts
+            signal.signal(sig, on_signal)
+        print(f"dynboot serve: ready at {url}  (routes: /v1/images/edits /v1/actions /v1/models /healthz /readyz)")
+        print(f"  try: curl -s {url}/readyz ; stop with Ctrl-C", flush=True)
+        done.wait()
+    finally:
+        print("dynboot serve: shutting down", flush=True)
+        stop(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(job_main(ServeConfig, run, doc=__doc__))
