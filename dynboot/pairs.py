@@ -16,14 +16,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dynboot.aurora import decode_image, encode_png, load_image, read_aurora
-from dynboot.models.base import Example
+
+if TYPE_CHECKING:  # imported where used: torch (via models.base) would slow every Ray worker that writes rows
+    from dynboot.models.base import Example
 
 PAIR_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -71,6 +73,8 @@ def check_row(row: dict[str, Any]) -> str | None:
 
 def row_to_example(row: dict[str, Any]) -> Example:
     """Decode a pair row; raises ValueError (naming the row) when it is malformed."""
+    from dynboot.models.base import Example
+
     problem = check_row(row)
     if problem:
         raise ValueError(f"row {row.get('id')!r}: {problem}")
@@ -110,6 +114,8 @@ def gold_rows(aurora_json: str | Path, name: str | None = None) -> Iterator[dict
 
 def load_examples(aurora_json: str | Path, limit: int | None = None) -> list[Example]:
     """Gold examples from an AURORA JSON file, images decoded."""
+    from dynboot.models.base import Example
+
     aurora_json = Path(aurora_json)
     out = []
     for rec in read_aurora(aurora_json)[:limit]:

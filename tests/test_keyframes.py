@@ -1,0 +1,156 @@
+"""Key frames, video manifests and pseudo-label scoring, without Ray. `pytest tests/test_keyframes.py`"""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dynboot.aurora import decode_image, encode_png
+from dynboot.keyframes import (KeyframeConfig, extract_keyframes, fit_square, motion_scores, select_peaks,
+                               select_stills, video_keyframes)
+from dynboot.manifest import build_manifest, video_id_of
+from dynboot.pairs import make_row, to_table
+from dynboot.pseudo_labels import pseudo_label_accuracy
+from dynboot.video import VideoError, read_video
+
+
+def _truth(world):
+    return [json.loads(line) for line in (world / "videos_truth.jsonl").read_text().splitlines()]
+
+
+def _segment_of(segments, frame):
+    return next((k for k, (s, e) in enumerate(segments) if s <= frame < e), None)
+
+
+def test_stills_recover_every_key_state_of_the_world(small_world):
+    """One key frame inside each held key state, in order: consecutive stills are exactly the true pairs."""
+    for t in _truth(small_world):
+        kf = video_keyframes(str(small_world / "videos" / f"{t['video_id']}.mp4"), KeyframeConfig(), image_size=40)
+        assert kf.decoder == "decord"
+        assert [_segment_of(t["segments"], i) for i in kf.indices] == list(range(len(t["segments"])))
+        assert len(kf.pairs) == len(t["actions"])
+        frames, _ = read_video(small_world / "videos" / f"{t['video_id']}.mp4")
+        for i in kf.indices:  # 40 px frames are not resized: the PNG holds the decoded frame bit for bit
+            assert np.array_equal(decode_image(kf.images[i]), frames[i])
+
+
+def test_streaming_decode_matches_whole_video_decode(small_world):
+    """Chunks shorter than the video (chunk=5) give the same motion, key frames and images."""
+    path = small_world / "videos" / "ep000003.mp4"
+    frames, _ = read_video(path)
+    for strategy in ("stills", "peaks"):
+        cfg = KeyframeConfig(strategy=strategy, chunk=5, k=4, min_gap=10)
+        streamed, whole = video_keyframes(str(path), cfg, 40), extract_keyframes(frames, cfg, 40)
+        assert streamed.indices == whole.indices and streamed.images == whole.images
+        assert streamed.motion == whole.motion and streamed.frames == len(frames)
+
+
+def test_motion_ignores_scattered_noise_and_sees_a_moving_square():
+    rng = np.random.default_rng(0)
+    base = np.full((6, 32, 32, 3), 200, np.uint8)
+    noisy = base.copy()
+    for t in range(6):  # codec-like noise: a few single pixels moved by up to 40 levels
+        ys, xs = rng.integers(0, 32, 4), rng.integers(0, 32, 4)
+        noisy[t, ys, xs] = 160
+    assert motion_scores(noisy).max() == 0
+    moving = base.copy()
+    for t in range(6):
+        moving[t, 8:16, 4 * t:4 * t + 8] = (220, 40, 40)
+    m = motion_scores(moving)
+    assert m[0] == 0 and (m[1:] > 0.01).all()
+
+
+def test_select_peaks_top_k_with_min_gap_sorted_and_deterministic():
+    motion = np.zeros(100)
+    motion[[10, 12, 50, 51, 90, 30]] = [5, 9, 7, 7, 3, 1]
+    assert select_peaks(motion, k=3, min_gap=20) == [12, 50, 90]  # 10 is too close to 12; 51 ties 50, loses
+    # then 30 is too close to 12; of the still frames (earliest first) only 70 is 20 away from every key frame
+    assert select_peaks(motion, k=6, min_gap=20) == [12, 50, 70, 90]
+    assert select_peaks(motion, k=4, min_gap=1) == [10, 12, 50, 51]
+
+
+def test_select_stills_middle_of_long_still_runs():
+    motion = np.array([0, 0, 0, 0, .5, .5, 0, 0, .5, 0, 0, 0, 0, 0, .001])
+    # frame t's motion is its change since t-1: still runs are [0,4), [5,8) and [8,15) (frame 14's .001 is noise)
+    assert select_stills(motion, min_still=3, threshold=0.002) == [1, 6, 11]
+    assert select_stills(motion, min_still=4, threshold=0.002) == [1, 11]
+    assert select_stills(motion, min_still=3, threshold=0.0) == [1, 6, 10]  # now frame 14 moved: [8,14)
+    assert select_stills(motion, min_still=3, threshold=0.002, max_keyframes=1) == [1]
+
+
+def test_fit_square_keeps_exact_size_and_centre_crops_others():
+    frame = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    assert fit_square(frame, 40) is frame
+    wide = np.zeros((20, 60, 3), np.uint8)
+    wide[:, 20:40] = 255  # the centre square is white, the sides black
+    out = fit_square(wide, 10)
+    assert out.shape == (10, 10, 3) and out.min() == 255
+
+
+def test_bad_files_raise_video_error_and_damaged_ones_are_salvaged(tmp_path, small_world):
+    src = (small_world / "videos" / "ep000000.mp4").read_bytes()
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    (tmp_path / "truncated.mp4").write_bytes(src[: len(src) // 2])
+    (tmp_path / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    (tmp_path / "image.mp4").write_bytes(encode_png(np.zeros((40, 40, 3), np.uint8)))
+    for name in ("zero", "truncated", "garbage", "image"):
+        with pytest.raises(VideoError):
+            video_keyframes(str(tmp_path / f"{name}.mp4"), KeyframeConfig(), 40)
+    damaged = bytearray(src)
+    damaged[len(src) // 2: len(src) // 2 + 1000] = bytes(1000)
+    (tmp_path / "zeroed.mp4").write_bytes(bytes(damaged))
+    kf = video_keyframes(str(tmp_path / "zeroed.mp4"), KeyframeConfig(), 40)
+    assert kf.decoder == "pyav" and len(kf.pairs) >= 1
+
+
+def test_manifest_forms_and_stable_unique_ids(tmp_path, small_world):
+    world = build_manifest(str(small_world / "videos"))  # through the world's manifest.jsonl
+    assert [m["video_id"] for m in world] == [f"ep{i:06d}" for i in range(12)]
+    assert all((small_world / "videos" / f"{m['video_id']}.mp4").samefile(m["path"]) for m in world)
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for rel in ("a.mp4", "a.avi", "sub/b c.mp4", "notes.txt"):
+        shutil.copy(small_world / "videos" / "ep000000.mp4", tmp_path / "in" / rel)
+    globbed = build_manifest(str(tmp_path / "in"))
+    assert [m["video_id"] for m in globbed] == ["a.avi", "a.mp4", "sub__b_c"]  # same stem: keep extensions
+    uris = build_manifest(f"file://{tmp_path}/in")
+    assert [m["video_id"] for m in uris] == ["a.avi", "a.mp4", "sub__b_c"] and uris[0]["path"].startswith("file://")
+    (tmp_path / "list.txt").write_text(f"# videos\nin/a.mp4\n{tmp_path}/missing.mp4\n")
+    listed = build_manifest(str(tmp_path / "list.txt"))
+    assert listed[0] == {"video_id": "in__a", "path": str(tmp_path / "in" / "a.mp4")}
+    assert listed[1]["path"] == str(tmp_path / "missing.mp4")  # kept: the job quarantines it
+    (tmp_path / "dup.jsonl").write_text('{"path": "in/a.mp4", "video_id": "x"}\n{"path": "in/a.avi", "video_id": "x"}\n')
+    with pytest.raises(ValueError, match="duplicate video ids"):
+        build_manifest(str(tmp_path / "dup.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"path": "in/a.mp4"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        build_manifest(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(FileNotFoundError):
+        build_manifest(str(tmp_path / "nowhere"))
+    assert video_id_of("s3://bucket/x/clip 1.mp4") == "bucket__x__clip_1"
+
+
+def test_pseudo_label_accuracy_counts_matches_types_and_unmatched(tmp_path, small_world):
+    truth = _truth(small_world)
+    img = np.zeros((40, 40, 3), np.uint8)
+    rows = []
+    t0, t1 = truth[0], truth[1]
+    mid = lambda t, k: (t["segments"][k][0] + t["segments"][k][1]) // 2  # noqa: E731
+    rows.append(make_row(t0["video_id"], mid(t0, 0), mid(t0, 1), img, img, t0["actions"][0], "pseudo"))  # right
+    rows.append(make_row(t0["video_id"], mid(t0, 1), mid(t0, 2), img, img, "  " + t0["actions"][1].upper(), "pseudo"))
+    rows.append(make_row(t0["video_id"], mid(t0, 2), mid(t0, 3), img, img, "remove the red square", "pseudo"))
+    rows.append(make_row(t1["video_id"], mid(t1, 0), mid(t1, 2), img, img, t1["actions"][0], "pseudo"))  # 2 apart
+    rows.append(make_row(t1["video_id"], t1["segments"][0][1], mid(t1, 1), img, img, t1["actions"][0], "pseudo"))
+    rows.append(make_row("ep999999", 1, 9, img, img, "move the red square up", "pseudo"))  # unknown video
+    (tmp_path / "shards").mkdir()
+    pq.write_table(to_table(rows), tmp_path / "shards" / "x.parquet")
+    acc = pseudo_label_accuracy(tmp_path, small_world / "videos_truth.jsonl")
+    wrong_type = t0["actions"][2].split()[0] != "remove"
+    assert (acc["pairs"], acc["matched"], acc["unmatched"], acc["unknown_video"]) == (6, 3, 3, 1)
+    assert acc["correct"] == 2 + (t0["actions"][2] == "remove the red square")
+    assert acc["accuracy"] == round(acc["correct"] / 3, 4)
+    assert acc["type_accuracy"] == round((2 + (not wrong_type)) / 3, 4)
+    assert acc["coverage"] == round(3 / sum(len(t["actions"]) for t in truth), 4)
+    kinds = [t0["actions"][k].split()[0] for k in range(3)]
+    assert sum(v["matched"] for v in acc["per_type"].values()) == 3 and set(acc["per_type"]) == set(kinds)
