@@ -1,0 +1,144 @@
+"""`dynboot quickstart`: the whole bootstrapping loop on the embedded world, measured, on a laptop.
+
+    dynboot quickstart --out runs/quickstart
+    python -m jobs.quickstart out=runs/quickstart idp_steps=600 fdp_steps=600      # a shorter run
+    ray job submit --working-dir . -- python -m jobs.quickstart out=/shared/runs/quickstart
+
+Stages (one local Ray cluster for all of them; each stage's outputs in its own folder, a finished stage —
+one with a summary.json — is not redone when the command is rerun):
+  1 world/      gold pairs, unlabelled videos (true actions kept aside), test split     `dynboot world`
+  2 idp/        IDP trained on the gold pairs                                           `dynboot train task=idp`
+  3 relabel/    the IDP captions the videos' key-frame pairs -> Parquet shards          `dynboot relabel`
+    filter/     score threshold + stratified top-K                                      `dynboot filter`
+  4 fdp_gold/   FDP on gold only (recognition-weighted loss)                           `dynboot train task=fdp`
+    fdp_boot/   FDP on gold + pseudo (recognition-weighted loss)
+    fdp_plain/  FDP on gold + pseudo with plain CE (the weighting ablation; `ablation=false` skips it)
+  5 eval/       best-of-N for N = 1, 2, 4, 8 through the served generator (fdp_boot) + verifier (idp), one
+                HTTP request per test pair returning all max(N) candidates and their verifier scores; greedy
+                exact metrics of every model; pseudo-label accuracy against videos_truth.jsonl
+  6 report.md   the paper's four effects, each a row with its numbers, + PNGs; the table is printed
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from dynboot.cli import job_main
+from dynboot.config import Config, save_config
+from dynboot.rundir import RunDir
+
+from jobs.quickstart_eval import evaluate_stage, write_quickstart_report
+
+
+class QuickstartConfig(Config):
+    """The whole loop on the embedded world. Defaults are sized for 2 CPU cores."""
+
+    out: str = Field("runs/quickstart", description="Run directory; each stage writes a sub-folder.")
+    gold: int = Field(1000, ge=10, description="Gold (labelled) pairs.")
+    videos: int = Field(400, ge=1, description="Unlabelled episode videos (8 key-frame pairs each).")
+    test: int = Field(300, ge=10, description="Held-out test pairs.")
+    seed: int = Field(0, description="World seed.")
+    size: str = Field("xs", description="Tiny model size (xxs, xs, s, m).")
+    idp_steps: int = Field(1000, ge=1, description="IDP optimiser steps.")
+    fdp_steps: int = Field(800, ge=1, description="Optimiser steps of each FDP run.")
+    batch_size: int = Field(64, ge=1, description="Pairs per step.")
+    pseudo_ratio: float = Field(1.0, gt=0, description="Weight of the pseudo source against gold in the FDP mixture "
+                                "(per pair: 1.0 = every pair drawn equally often).")
+    ablation: bool = Field(True, description="Also train FDP with plain CE on gold + pseudo (the weighting row).")
+    ns: list[int] = Field([1, 2, 4, 8], description="Best-of-N values evaluated through the serve app.")
+    temperature: float = Field(1.0, ge=0, description="FDP sampling temperature for best-of-N.")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage of the train jobs (0 = plain data "
+                            "parallel: no DeepSpeed op build on a fresh laptop).")
+    num_cpus: int = Field(4, ge=1, description="Logical CPUs of the local Ray cluster (oversubscribing 2 cores is "
+                          "fine: every actor asks for a fraction).")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the serve app during evaluation.")
+    clients: int = Field(4, ge=1, description="Concurrent HTTP clients during evaluation.")
+
+
+def _done(stage: Path) -> bool:
+    return (stage / "summary.json").is_file()
+
+
+def _stage(name: str, t_all: float) -> float:
+    print(f"\n=== [{time.time() - t_all:6.0f}s] {name}", flush=True)
+    return time.time()
+
+
+def _train(cfg: QuickstartConfig, out: Path, task: str, data: list[dict], steps: int, weighting: str = "relative") -> None:
+    from jobs.train import TrainConfig, run as train
+
+    if _done(out):
+        return
+    train(TrainConfig.model_validate({
+        "task": task, "data": data, "out": str(out), "steps": steps, "batch_size": cfg.batch_size,
+        "size": cfg.size, "weighting": weighting, "num_workers": 1, "cpus_per_worker": 1.0, "threads": 2,
+        "zero_stage": cfg.zero_stage, "eval_data": str(Path(cfg.out) / "world" / "test"), "eval_limit": 128,
+        "eval_every": max(steps // 4, 1), "checkpoint_every": max(steps // 2, 1),
+    }))
+
+
+def run(cfg: QuickstartConfig) -> dict:
+    import ray
+
+    from dynboot.world.generate import WorldConfig, generate_world
+
+    t_all = time.time()
+    root = RunDir(cfg.out)
+    save_config(cfg, root.root)
+    world, idp, relabel, filt = (root.path(p) for p in ("world", "idp", "relabel", "filter"))
+    fdp = {k: root.path(f"fdp_{k}") for k in ("gold", "boot", "plain")}
+    times: dict[str, float] = {}
+
+    t = _stage("1/6 world: gold pairs, unlabelled videos, test split", t_all)
+    if not _done(world):
+        generate_world(WorldConfig(out=str(world), gold=cfg.gold, videos=cfg.videos, test=cfg.test, seed=cfg.seed))
+    times["world"] = time.time() - t
+
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
+    try:
+        gold_src = {"path": str(world / "gold"), "weight": float(cfg.gold)}  # weights are per-source shares
+        t = _stage(f"2/6 train IDP on {cfg.gold} gold pairs ({cfg.idp_steps} steps)", t_all)
+        _train(cfg, idp, "idp", [gold_src], cfg.idp_steps)
+        times["idp"] = time.time() - t
+
+        t = _stage("3/6 relabel the unlabelled videos with the IDP, then filter", t_all)
+        from jobs.filter import FilterConfig, run as filter_run
+        from jobs.relabel import RelabelConfig, run as relabel_run
+
+        if not _done(relabel):
+            relabel_run(RelabelConfig(videos=str(world / "videos"), out=str(relabel), model_path=str(idp / "model"),
+                                      backend="", idp_cpus=1.0, batch_size=64, videos_per_batch=16))
+        if not _done(filt):
+            filter_run(FilterConfig(shards=str(relabel), out=str(filt), mode="enable", top_k=0))
+        times["relabel"] = time.time() - t
+
+        kept = json.loads((filt / "summary.json").read_text())["pairs_kept"]
+        pseudo_src = {"path": str(filt / "shards"), "weight": cfg.pseudo_ratio * max(kept, 1)}
+        t = _stage(f"4/6 train FDP: gold only, gold + pseudo{', gold + pseudo plain CE' if cfg.ablation else ''}", t_all)
+        _train(cfg, fdp["gold"], "fdp", [gold_src], cfg.fdp_steps)
+        _train(cfg, fdp["boot"], "fdp", [gold_src, pseudo_src], cfg.fdp_steps)
+        if cfg.ablation:
+            _train(cfg, fdp["plain"], "fdp", [gold_src, pseudo_src], cfg.fdp_steps, weighting="none")
+        times["fdp"] = time.time() - t
+
+        t = _stage(f"5/6 evaluate: best-of-N (N={cfg.ns}) through the serve app, greedy metrics of every model", t_all)
+        results = evaluate_stage(cfg, world, idp, relabel, fdp)
+        times["eval"] = time.time() - t
+    finally:
+        ray.shutdown()
+
+    t = _stage("6/6 report", t_all)
+    times["total"] = time.time() - t_all
+    summary = {"results": results, "seconds": {k: round(v, 1) for k, v in times.items()}}
+    report, table = write_quickstart_report(root.root, cfg, results, summary["seconds"])
+    root.write_summary(summary)
+    print("\n" + table + f"\n\nreport: {report}   (total {times['total'] / 60:.1f} min)", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    raise SystemExit(job_main(QuickstartConfig, run, doc=__doc__))
