@@ -1,6 +1,6 @@
 """`dynboot relabel`: unlabelled videos -> key-frame pairs -> IDP pseudo labels -> Parquet shards, on Ray Data.
 
-    dynboot relabel jobs/configs/relabel.yaml model_path=runs/idp/checkpoints/final
+    dynboot relabel jobs/configs/relabel.yaml model_path=runs/idp/model
     python -m jobs.relabel jobs/configs/relabel.yaml videos=runs/world/videos out=runs/relabel
     ray job submit --working-dir . -- python -m jobs.relabel jobs/configs/relabel.yaml \
         videos=s3://bucket/videos/ out=/shared/relabel model_path=/shared/idp backend=anole \
@@ -56,7 +56,7 @@ class RelabelConfig(Config):
                         "under it), a list file (a path or URI a line), a manifest.jsonl, or a URI (s3://, gs://, file://).")
     extensions: list[str] = Field([".mp4", ".avi", ".mov", ".mkv", ".webm"], description="Video files a directory glob picks.")
     out: str = Field("runs/relabel", description="Run directory (local or shared filesystem).")
-    model_path: str = Field("runs/idp/checkpoints/final", description="IDP checkpoint directory.")
+    model_path: str = Field("runs/idp/model", description="IDP checkpoint directory.")
     backend: str = Field("tiny", description="Model backend ('' = read it from the checkpoint).")
     image_size: int = Field(0, ge=0, description="Side of the frames given to the IDP (0 = the model's input size, "
                             "read by loading the model once in the driver; set it for large models).")
