@@ -153,42 +153,41 @@ class Pool:
 
 
 class PoolBuilder:
-    """Collects pair rows from any number of batches (any order), then decodes and sorts them once."""
+    """Decodes pair rows as they stream in (any batches, any order; only decoded images are kept), then
+    sorts the pool once so it does not depend on the arrival order."""
 
     def __init__(self, sources: list[Source], task: str):
         if task == "idp" and any(s.tag for s in sources):
             raise ValueError("provenance tags go into the FDP prompt; for IDP the action is the target, leave tag empty")
         self.sources, self.task = sources, task
-        self.rows: list[tuple[tuple, dict]] = []
+        self.items: list[tuple[tuple, Any, dict | None]] = []  # (key, Example or None, malformed record or None)
 
     def add_rows(self, rows: Iterable[dict[str, Any]], src: int | None = None) -> None:
         """Rows of source `src`, or rows carrying their own `src` column."""
         for row in rows:
             s = int(row["src"]) if src is None else src
-            self.rows.append((_row_key(s, row), row))
-
-    def add_table(self, table: pa.Table, src: int | None = None) -> None:
-        self.add_rows(table.to_pylist(), src)
-
-    def finish(self) -> Pool:
-        self.rows.sort(key=lambda kr: kr[0])
-        pool = Pool()
-        examples, src_of = [], []
-        for (s, _, _), row in self.rows:
+            key = _row_key(s, row)
             try:
                 ex = row_to_example(row)
             except (ValueError, TypeError, KeyError) as err:  # malformed: counted and skipped, never fatal
                 reason = _provenance(row).get("error") or str(err)
-                pool.malformed.append({"id": str(row.get("id")), "src": s, "error": str(reason)[:300]})
+                self.items.append((key, None, {"id": str(row.get("id")), "src": s, "error": str(reason)[:300]}))
                 continue
             tag = self.sources[s].tag
             if tag:
                 ex.action = f"{tag} {ex.action}"
             ex.meta["src"] = s
-            examples.append(ex)
-            src_of.append(s)
-        self.rows = []
-        pool.examples, pool.source_of = examples, np.asarray(src_of, dtype=np.int64)
+            self.items.append((key, ex, None))
+
+    def add_table(self, table: pa.Table, src: int | None = None) -> None:
+        self.add_rows(table.to_pylist(), src)
+
+    def finish(self) -> Pool:
+        self.items.sort(key=lambda item: item[0])
+        examples = [ex for _, ex, _ in self.items if ex is not None]
+        pool = Pool(examples, np.asarray([ex.meta["src"] for ex in examples], dtype=np.int64),
+                    [bad for _, _, bad in self.items if bad is not None])
+        self.items = []
         return pool
 
 

@@ -23,6 +23,7 @@ Prints the JSON and writes it to `<out>/bench_relabel.json`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -172,6 +173,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     world, model_path = _prepare(cfg, out)
+    load_before = os.getloadavg()
     ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
     try:
         gcs = ray.get_runtime_context().gcs_address
@@ -195,6 +197,10 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             run_dir = out / f"relabel_{name}"
             shutil.rmtree(run_dir, ignore_errors=True)
             sampler = MemorySampler(gcs, cfg.sample_s)
+            for _ in range(100):  # objects are freed asynchronously: start from an empty store
+                if sampler._store_bytes() < 2**20:
+                    break
+                time.sleep(0.1)
             sampler.start()
             summary = relabel(RelabelConfig(
                 videos=str(videos), out=str(run_dir), model_path=model_path, backend=cfg.backend, image_size=image_size,
@@ -219,6 +225,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                               for k in ("peak_object_store_mb", "peak_rss_mb", "peak_driver_rss_mb")},
         "pseudo_label_accuracy": pseudo_label_accuracy(out / f"relabel_{cfg.scale}x", world / "videos_truth.jsonl"),
         "trained_model": bool(cfg.model_path),
+        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
     }
     write_json(out / "bench_relabel.json", result)
     print(json.dumps(result, indent=2))

@@ -34,6 +34,7 @@ storage_path, and rank 0 writes metrics.jsonl and the export there):
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +147,38 @@ def mixture_dataset(sources: list[Source]):
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
+def unknown_tags(cfg: TrainConfig) -> list[str]:
+    """Provenance tags the model's tokenizer does not know (they would reach the model as <unk>)."""
+    tags = sorted({s.tag for s in cfg.data if s.tag})
+    if not tags:
+        return []
+    if cfg.from_scratch:
+        from dynboot.models.tiny import word_tokenizer
+
+        tok = word_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.model_path, local_files_only=True)
+    unk = tok.unk_token_id
+    return [t for t in tags if unk is not None and unk in tok(t, add_special_tokens=False)["input_ids"]]
+
+
+class InputError(ValueError):
+    """A data source or setting the job cannot use, found before any cluster work."""
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    try:
+        for src in [*cfg.data, *([Source(path=cfg.eval_data)] if cfg.eval_data else [])]:
+            resolve_source(src)
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(str(err)) from None
+    if bad := unknown_tags(cfg):
+        raise InputError(f"data tags {bad} are not in the model's tokenizer vocabulary (they would become <unk>); "
+                         "the tiny world's word-level tokenizer knows only action words: leave tag empty")
+
+
 # ---- stage 6: the loss curve ------------------------------------------------------------------------------
 def plot_loss(run: RunDir) -> Path | None:
     rows = [r for r in run.metrics() if "loss" in r]
@@ -192,14 +225,11 @@ def run(cfg: TrainConfig) -> dict:
 
     t0 = time.time()
     cfg = cfg.resolved()
+    check_inputs(cfg)
     run_dir = RunDir(cfg.out)
     if not cfg.resume:
         _fresh_start(run_dir)
     save_config(cfg, run_dir.root)
-    for src in cfg.data:
-        resolve_source(src)  # a missing source is a clear error before any cluster work
-    if cfg.eval_data:
-        resolve_source(Source(path=cfg.eval_data))
 
     started = not ray.is_initialized()
     if started:
@@ -247,5 +277,13 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
+def main(cfg: TrainConfig) -> None:
+    try:
+        run(cfg)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    raise SystemExit(job_main(TrainConfig, run, doc=__doc__))
+    raise SystemExit(job_main(TrainConfig, main, doc=__doc__))

@@ -24,7 +24,7 @@ from dynboot.mixture import Source, gold_only, load_mixture, source_table
 from dynboot.pairs import to_table
 from dynboot.rundir import read_jsonl
 from dynboot.trainer import Batcher
-from jobs.train import TrainConfig
+from jobs.train import TrainConfig, unknown_tags
 
 
 # ---- fixtures --------------------------------------------------------------------------------------------
@@ -137,6 +137,17 @@ def test_train_config_parses_sources_and_rejects_bad_values():
         load_config(TrainConfig, ["zero_stage=4"])
     with pytest.raises(ConfigError, match="weight"):
         load_config(TrainConfig, ["data=[{path: b, weight: 0}]"])
+    # the tiny word-level tokenizer knows action words only: any other tag would be <unk>
+    assert unknown_tags(TrainConfig(task="fdp", data=[{"path": "b", "tag": "pseudo"}])) == ["pseudo"]
+    assert unknown_tags(TrainConfig(task="fdp", data=[{"path": "b", "tag": "red"}])) == []
+
+
+def test_missing_source_fails_before_any_cluster_work(tmp_path):
+    from jobs.train import InputError, run
+
+    with pytest.raises(InputError, match="does not exist"):
+        run(TrainConfig(data=[str(tmp_path / "nowhere")], eval_data="", out=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_help_lists_train_fields():
