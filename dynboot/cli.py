@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     except SystemExit as ex:
-        return int(ex.code or 0)
+        if ex.code is None or isinstance(ex.code, int):
+            return ex.code or 0
+        print(f"error: {ex.code}", file=sys.stderr)  # SystemExit("message") means failure with a message
+        return 1
     return 0
 
 

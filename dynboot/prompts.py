@@ -9,7 +9,11 @@ so that A->B always sits at the same relative offset (this helped tiny models le
 
 Each layout returns token ids plus, per position, which image and cell it holds (`image_of`, `cell_of`,
 -1 for text) and the target weight slots, so backends can add position features and losses without
-re-deriving the layout.
+re-deriving the layout. `cell_in` is the cell a position-aware backend tells the input token about: its own
+cell, except inside the generated FDP image, where each input carries the cell it predicts next (the token
+before the first code carries cell 0, code i carries cell i+1). The query that predicts B[k] then holds the
+same cell feature as A[k], so copying an unchanged cell is one attention match instead of an
+"offset by one cell" relation (see README, inductive biases).
 """
 
 from __future__ import annotations
@@ -37,12 +41,13 @@ class Layout:
     ids: list[int]
     image_of: list[int]  # 0 = before image, 1 = after image, -1 = not an image code
     cell_of: list[int]  # cell index within its image, -1 for text
+    cell_in: list[int]  # cell feature of the input token (see module doc), -1 for none
     target: list[bool]  # positions whose token is predicted by the loss (labels at these positions)
     prefix_len: int  # tokens before the generated part (FDP: start of B; IDP: start of the action)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"ids": np.asarray(self.ids), "image_of": np.asarray(self.image_of),
-                "cell_of": np.asarray(self.cell_of), "target": np.asarray(self.target)}
+                "cell_of": np.asarray(self.cell_of), "cell_in": np.asarray(self.cell_in), "target": np.asarray(self.target)}
 
 
 class _Builder:
@@ -50,12 +55,14 @@ class _Builder:
         self.ids: list[int] = []
         self.image_of: list[int] = []
         self.cell_of: list[int] = []
+        self.cell_in: list[int] = []
         self.target: list[bool] = []
 
     def text(self, ids: list[int], target: bool = False) -> None:
         self.ids += ids
         self.image_of += [-1] * len(ids)
         self.cell_of += [-1] * len(ids)
+        self.cell_in += [-1] * len(ids)
         self.target += [target] * len(ids)
 
     def image(self, vocab_ids: list[int], which: int, s: Specials, target: bool = False) -> None:
@@ -64,12 +71,13 @@ class _Builder:
         self.ids += vocab_ids
         self.image_of += [which] * len(vocab_ids)
         self.cell_of += list(range(len(vocab_ids)))
+        self.cell_in += list(range(len(vocab_ids)))
         self.target += [target] * len(vocab_ids)
         if s.eoi is not None:
             self.text([s.eoi], target=target)
 
     def done(self, prefix_len: int) -> Layout:
-        return Layout(self.ids, self.image_of, self.cell_of, self.target, prefix_len)
+        return Layout(self.ids, self.image_of, self.cell_of, self.cell_in, self.target, prefix_len)
 
 
 def idp_layout(s: Specials, before: list[int], after: list[int], action: list[int] | None) -> Layout:
@@ -98,12 +106,14 @@ def fdp_layout(s: Specials, before: list[int], action: list[int], after: list[in
     b.text(s.sep)
     if s.boi is not None:
         b.text([s.boi])
+    b.cell_in[-1] = 0  # this token predicts the first code
     prefix = len(b.ids)
     if after is not None:
         # the <boi> was emitted above, so the after image goes in without its own opening token
         b.ids += after
         b.image_of += [1] * len(after)
         b.cell_of += list(range(len(after)))
+        b.cell_in += list(range(1, len(after))) + [-1]  # code i predicts code i+1; the last predicts the end
         b.target += [True] * len(after)
         if s.eoi is not None:
             b.text([s.eoi], target=True)

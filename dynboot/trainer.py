@@ -38,7 +38,8 @@ class LoopConfig(Config):
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     weighting: str = Field("relative", description=f"FDP recognition-weight strategy: one of {STRATEGIES}.")
     weight_floor: float = Field(0.05, ge=0, description="Floor of the 'floor' weighting strategy.")
-    augment: bool = Field(True, description="Label-preserving augmentation of IDP pairs (embedded world only).")
+    augment: bool = Field(True, description="Label-preserving augmentation of gold pairs, IDP and FDP (embedded "
+                         "world only: grid symmetries, colour and shape permutations with the action rewritten).")
     seed: int = Field(0, description="Seed of batch sampling and augmentation.")
     threads: int = Field(2, ge=1, description="torch intra-op threads.")
     eval_every: int = Field(250, ge=0, description="Steps between evaluations (0 = only at the end).")
@@ -92,7 +93,7 @@ class TrainLoop:
                  mixture_weights: np.ndarray | None = None):
         self.model, self.cfg = model, cfg
         torch.set_num_threads(cfg.threads)
-        use_aug = augment if (cfg.augment and cfg.task == "idp") else None
+        use_aug = augment if cfg.augment else None
         self.batcher = Batcher(examples, cfg.batch_size, cfg.seed, use_aug, mixture_weights)
         self.opt = build_optimizer(model.net.parameters(), cfg)
         self.history: list[dict] = []

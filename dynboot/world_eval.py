@@ -44,12 +44,21 @@ def _scenes(fdp: UnifiedModel, spec: WorldSpec, codes: torch.Tensor) -> np.ndarr
     return parse(spec, fdp.tokenizer.decode(codes))
 
 
-def fdp_eval(fdp: UnifiedModel, examples: list[Example], spec: WorldSpec, batch_size: int = 128) -> dict:
-    """Greedy (temperature 0) FDP predictions, scored on the parsed scenes."""
+def fdp_eval(fdp: UnifiedModel, examples: list[Example], spec: WorldSpec, batch_size: int = 128,
+             per_pair: bool = False) -> dict:
+    """Greedy (temperature 0) FDP predictions, scored on the parsed scenes.
+
+    per_pair: also return "exact_per_pair" (0/1 per example), for paired comparisons of two models on the
+    same examples.
+    """
     before, after, actions = _stack(examples)
     pred = torch.cat([fdp.sample(before[i: i + batch_size], actions[i: i + batch_size], n=1, temperature=0)[:, 0]
                       for i in range(0, len(before), batch_size)])
-    return fdp_world_metrics(_scenes(fdp, spec, pred), parse(spec, before), parse(spec, after), _types(spec, actions))
+    scenes, target = _scenes(fdp, spec, pred), parse(spec, after)
+    out = fdp_world_metrics(scenes, parse(spec, before), target, _types(spec, actions))
+    if per_pair:
+        out["exact_per_pair"] = (np.asarray(scenes) == np.asarray(target)).all(-1).astype(int).tolist()
+    return out
 
 
 def best_of_n_eval(fdp: UnifiedModel, idp: UnifiedModel, examples: list[Example], spec: WorldSpec,

@@ -2,7 +2,7 @@
 
     python -m jobs.bench_relabel                                  # untrained tiny IDP: throughput and memory
     python -m jobs.bench_relabel tiny_size=m                      # a model that costs more per pair
-    python -m jobs.bench_relabel model_path=runs/idp/checkpoints/final videos=40 scale=10   # + label accuracy
+    python -m jobs.bench_relabel model_path=runs/quickstart/idp/model videos=40 scale=10   # + label accuracy
 
 Measured in one run, on one local Ray cluster (`num_cpus` logical CPUs), with the same model, batch size and
 actor resources throughout:

@@ -1,7 +1,7 @@
 """Evaluation job: FDP best-of-N (IDP as verifier) and IDP captions over a world test split or
 Aurora-Bench, as a Ray Data batch job; world metrics, an LLM judge for Aurora, IDP text metrics, a report.
 
-    dynboot eval jobs/configs/evaluate.yaml data=runs/world/test fdp_path=runs/fdp idp_path=runs/idp
+    dynboot eval jobs/configs/evaluate.yaml data=runs/world/test fdp_path=runs/fdp/model idp_path=runs/idp/model
     python -m jobs.evaluate jobs/configs/evaluate.yaml data=aurora/test.json fdp_path=... idp_path=... \\
         judge_model=gpt-4o-2024-11-20            # key from $OPENAI_API_KEY (or judge_api_key_env=NAME)
     ray job submit --working-dir . -- python -m jobs.evaluate jobs/configs/evaluate.yaml data=... out=...

@@ -10,9 +10,10 @@ one with a summary.json — is not redone when the command is rerun):
   2 idp/        IDP trained on the gold pairs                                           `dynboot train task=idp`
   3 relabel/    the IDP captions the videos' key-frame pairs -> Parquet shards          `dynboot relabel`
     filter/     score threshold + stratified top-K                                      `dynboot filter`
-  4 fdp_gold/   FDP on gold only (recognition-weighted loss)                           `dynboot train task=fdp`
-    fdp_boot/   FDP on gold + pseudo (recognition-weighted loss)
-    fdp_plain/  FDP on gold + pseudo with plain CE (the weighting ablation; `ablation=false` skips it)
+  4 fdp_gold/   FDP on gold only (loss: `weighting`)                                    `dynboot train task=fdp`
+    fdp_boot/   FDP on gold + pseudo (loss: `weighting`)
+    fdp_ablation/  FDP on gold + pseudo with the other loss: recognition-weighted if `weighting=none`, else
+                plain CE (the weighting row; `ablation=false` skips it)
   5 eval/       best-of-N for N = 1, 2, 4, 8 through the served generator (fdp_boot) + verifier (idp), one
                 HTTP request per test pair returning all max(N) candidates and their verifier scores; greedy
                 exact metrics of every model; pseudo-label accuracy against videos_truth.jsonl
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -31,7 +33,7 @@ from dynboot.cli import job_main
 from dynboot.config import Config, save_config
 from dynboot.rundir import RunDir
 
-from jobs.quickstart_eval import evaluate_stage, write_quickstart_report
+from jobs.quickstart_eval import ablation_weighting, evaluate_stage, write_quickstart_report
 
 
 class QuickstartConfig(Config):
@@ -43,12 +45,20 @@ class QuickstartConfig(Config):
     test: int = Field(300, ge=10, description="Held-out test pairs.")
     seed: int = Field(0, description="World seed.")
     size: str = Field("xs", description="Tiny model size (xxs, xs, s, m).")
-    idp_steps: int = Field(1000, ge=1, description="IDP optimiser steps.")
-    fdp_steps: int = Field(800, ge=1, description="Optimiser steps of each FDP run.")
+    idp_steps: int = Field(900, ge=1, description="IDP optimiser steps.")
+    fdp_steps: int = Field(450, ge=1, description="Optimiser steps of each FDP run.")
     batch_size: int = Field(64, ge=1, description="Pairs per step.")
     pseudo_ratio: float = Field(1.0, gt=0, description="Weight of the pseudo source against gold in the FDP mixture "
                                 "(per pair: 1.0 = every pair drawn equally often).")
-    ablation: bool = Field(True, description="Also train FDP with plain CE on gold + pseudo (the weighting row).")
+    min_score: float = Field(-0.05, description="Filter: keep pseudo pairs whose IDP mean per-token log-prob is at "
+                             "least this (-0.05 = the IDP gave its caption ~95% per token). On the world the wrong "
+                             "captions score below -0.12 and the right ones above -0.005 (90% of each).")
+    weighting: Literal["relative", "floor", "none"] = Field(
+        "none", description="FDP loss of the gold and gold + pseudo runs (dynboot/weights.py). Plain CE by default: "
+        "on the embedded world the tiny model has a copy feature, so it does not over-copy, and the recognition "
+        "weights (which depend on the target) tilt it towards changing cells that should stay; the ablation row "
+        "measures this every run. The paper's loss, for real images, is `relative`.")
+    ablation: bool = Field(True, description="Also train FDP on gold + pseudo with the other loss (the weighting row).")
     ns: list[int] = Field([1, 2, 4, 8], description="Best-of-N values evaluated through the serve app.")
     temperature: float = Field(1.0, ge=0, description="FDP sampling temperature for best-of-N.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage of the train jobs (0 = plain data "
@@ -68,7 +78,7 @@ def _stage(name: str, t_all: float) -> float:
     return time.time()
 
 
-def _train(cfg: QuickstartConfig, out: Path, task: str, data: list[dict], steps: int, weighting: str = "relative") -> None:
+def _train(cfg: QuickstartConfig, out: Path, task: str, data: list[dict], steps: int, weighting: str = "none") -> None:
     from jobs.train import TrainConfig, run as train
 
     if _done(out):
@@ -81,6 +91,22 @@ def _train(cfg: QuickstartConfig, out: Path, task: str, data: list[dict], steps:
     }))
 
 
+def _with_earlier_times(root: Path, times: dict[str, float], done_before: list[str]) -> dict[str, float]:
+    """On a resumed run, the stages skipped keep the seconds of the run that did them (the total adds them)."""
+    earlier_path = root / "summary.json"
+    if not done_before or not earlier_path.is_file():
+        return times
+    earlier = json.loads(earlier_path.read_text()).get("seconds", {})
+    out = dict(times)
+    for k in done_before:
+        if k in earlier:
+            out[k] = earlier[k]
+    out["total"] = sum(v for k, v in out.items() if k not in ("total", "this_run")) + (times["total"] - sum(
+        v for k, v in times.items() if k != "total"))
+    out["this_run"] = times["total"]
+    return out
+
+
 def run(cfg: QuickstartConfig) -> dict:
     import ray
 
@@ -90,8 +116,10 @@ def run(cfg: QuickstartConfig) -> dict:
     root = RunDir(cfg.out)
     save_config(cfg, root.root)
     world, idp, relabel, filt = (root.path(p) for p in ("world", "idp", "relabel", "filter"))
-    fdp = {k: root.path(f"fdp_{k}") for k in ("gold", "boot", "plain")}
+    fdp = {k: root.path(f"fdp_{k}") for k in ("gold", "boot", "ablation")}
     times: dict[str, float] = {}
+    stage_dirs = {"world": [world], "idp": [idp], "relabel": [relabel, filt], "fdp": list(fdp.values())[: 3 if cfg.ablation else 2]}
+    done_before = [k for k, dirs in stage_dirs.items() if all(_done(d) for d in dirs)]
 
     t = _stage("1/6 world: gold pairs, unlabelled videos, test split", t_all)
     if not _done(world):
@@ -102,7 +130,7 @@ def run(cfg: QuickstartConfig) -> dict:
     try:
         gold_src = {"path": str(world / "gold"), "weight": float(cfg.gold)}  # weights are per-source shares
         t = _stage(f"2/6 train IDP on {cfg.gold} gold pairs ({cfg.idp_steps} steps)", t_all)
-        _train(cfg, idp, "idp", [gold_src], cfg.idp_steps)
+        _train(cfg, idp, "idp", [gold_src], cfg.idp_steps)  # (weighting touches FDP targets only)
         times["idp"] = time.time() - t
 
         t = _stage("3/6 relabel the unlabelled videos with the IDP, then filter", t_all)
@@ -113,16 +141,22 @@ def run(cfg: QuickstartConfig) -> dict:
             relabel_run(RelabelConfig(videos=str(world / "videos"), out=str(relabel), model_path=str(idp / "model"),
                                       backend="", idp_cpus=1.0, batch_size=64, videos_per_batch=16))
         if not _done(filt):
-            filter_run(FilterConfig(shards=str(relabel), out=str(filt), mode="enable", top_k=0))
+            filter_run(FilterConfig(shards=str(relabel), out=str(filt), mode="enable", min_score=cfg.min_score, top_k=0))
         times["relabel"] = time.time() - t
 
         kept = json.loads((filt / "summary.json").read_text())["pairs_kept"]
-        pseudo_src = {"path": str(filt / "shards"), "weight": cfg.pseudo_ratio * max(kept, 1)}
-        t = _stage(f"4/6 train FDP: gold only, gold + pseudo{', gold + pseudo plain CE' if cfg.ablation else ''}", t_all)
-        _train(cfg, fdp["gold"], "fdp", [gold_src], cfg.fdp_steps)
-        _train(cfg, fdp["boot"], "fdp", [gold_src, pseudo_src], cfg.fdp_steps)
+        if kept == 0:
+            raise SystemExit(f"the filter kept no pseudo pairs (min_score={cfg.min_score}): the IDP is too weak for "
+                             f"the threshold; train it longer (idp_steps=) or lower min_score=, then rerun (finished "
+                             f"stages are kept; delete {filt} to refilter)")
+        pseudo_src = {"path": str(filt / "shards"), "weight": cfg.pseudo_ratio * kept}
+        other = ablation_weighting(cfg)
+        t = _stage(f"4/6 train FDP ({cfg.weighting}): gold only, gold + pseudo"
+                   f"{f'; gold + pseudo with {other}' if cfg.ablation else ''}", t_all)
+        _train(cfg, fdp["gold"], "fdp", [gold_src], cfg.fdp_steps, cfg.weighting)
+        _train(cfg, fdp["boot"], "fdp", [gold_src, pseudo_src], cfg.fdp_steps, cfg.weighting)
         if cfg.ablation:
-            _train(cfg, fdp["plain"], "fdp", [gold_src, pseudo_src], cfg.fdp_steps, weighting="none")
+            _train(cfg, fdp["ablation"], "fdp", [gold_src, pseudo_src], cfg.fdp_steps, other)
         times["fdp"] = time.time() - t
 
         t = _stage(f"5/6 evaluate: best-of-N (N={cfg.ns}) through the serve app, greedy metrics of every model", t_all)
@@ -133,6 +167,7 @@ def run(cfg: QuickstartConfig) -> dict:
 
     t = _stage("6/6 report", t_all)
     times["total"] = time.time() - t_all
+    times = _with_earlier_times(root.root, times, done_before)
     summary = {"results": results, "seconds": {k: round(v, 1) for k, v in times.items()}}
     report, table = write_quickstart_report(root.root, cfg, results, summary["seconds"])
     root.write_summary(summary)

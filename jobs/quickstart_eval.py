@@ -30,6 +30,11 @@ from dynboot.world.render import parse
 from dynboot.world_eval import fdp_eval, idp_eval
 
 
+def ablation_weighting(cfg) -> str:
+    """The loss of the weighting row's other run: recognition-weighted against plain CE, whichever the method is not."""
+    return "relative" if cfg.weighting == "none" else "none"
+
+
 def _request(client: httpx.Client, url: str, ex, n: int, seed: int, temperature: float) -> dict:
     for attempt in range(5):
         r = client.post(f"{url}/v1/images/edits", files={"image": ("before.png", encode_png(ex.before), "image/png")},
@@ -86,8 +91,11 @@ def evaluate_stage(cfg, world: Path, idp: Path, relabel: Path, fdp: dict[str, Pa
     results["idp"] = idp_eval(idp_model, test, spec)
     for name, path in fdp.items():
         if (path / "model").is_dir():
-            results[f"fdp_{name}"] = fdp_eval(load_model(path / "model"), test, spec)
+            results[f"fdp_{name}"] = fdp_eval(load_model(path / "model"), test, spec, per_pair=True)
     results["pseudo_labels"] = pseudo_label_accuracy(relabel / "shards", world / "videos_truth.jsonl")
+    kept = Path(cfg.out) / "filter" / "shards"
+    if kept.is_dir():  # what the FDP actually trained on
+        results["pseudo_labels_kept"] = pseudo_label_accuracy(kept, world / "videos_truth.jsonl")
     results["best_of_n"], grid = served_best_of_n(cfg, world, idp, fdp["boot"], test, spec)
     out.mkdir(parents=True, exist_ok=True)
     candidates_grid(out / "best_of_n_grid.png", grid)
@@ -99,11 +107,36 @@ def _se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
 
 
-def _verdict(a: float, b: float, n: int) -> str:
-    """'yes' when a beats b by more than two standard errors, 'no' when it is worse by as much, else 'within noise'."""
+def _verdict(a: float, b: float, n: int, paired: tuple[list, list] | None = None) -> str:
+    """'yes' when a beats b by more than two standard errors, 'no' when it is worse by as much, else 'within noise'.
+
+    paired: the two models' 0/1 scores on the same examples; the standard error is then that of the mean
+    per-example difference (the paired test: examples both get right or both get wrong add no noise).
+    """
     gap = a - b
-    se = math.sqrt(_se(a, n) ** 2 + _se(b, n) ** 2)
+    if paired is not None:
+        d = np.asarray(paired[0], dtype=float) - np.asarray(paired[1], dtype=float)
+        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("inf")
+    else:
+        se = math.sqrt(_se(a, n) ** 2 + _se(b, n) ** 2)
     return "yes" if gap > 2 * se else ("no (reversed)" if gap < -2 * se else "within noise")
+
+
+def _pairs(results: dict, a: str, b: str) -> tuple[list, list] | None:
+    ra, rb = results.get(f"fdp_{a}", {}), results.get(f"fdp_{b}", {})
+    return (ra["exact_per_pair"], rb["exact_per_pair"]) if "exact_per_pair" in ra and "exact_per_pair" in rb else None
+
+
+def _pseudo_section(written: dict, kept: dict | None) -> str:
+    def per_type(acc: dict) -> str:
+        return ", ".join("%s %d pairs, %s" % (k, v["matched"], v["accuracy"]) for k, v in acc["per_type"].items())
+
+    lines = [f"- written by the IDP: {written['pairs']} pairs, accuracy {written['accuracy']} against "
+             f"videos_truth.jsonl (per type: {per_type(written)})"]
+    if kept:
+        lines.append(f"- kept by the filter (what the FDP trained on): {kept['pairs']} pairs, accuracy "
+                     f"{kept['accuracy']} (per type: {per_type(kept)})")
+    return "\n".join(lines)
 
 
 def write_quickstart_report(root: Path, cfg, results: dict, seconds: dict) -> tuple[Path, str]:
@@ -111,13 +144,16 @@ def write_quickstart_report(root: Path, cfg, results: dict, seconds: dict) -> tu
     fdp = lambda k, f="exact": results.get(f"fdp_{k}", {}).get(f, float("nan"))  # noqa: E731
     bon = {int(k): v for k, v in results["best_of_n"]["by_n"].items()}
     ns = sorted(bon)
+    # the weighting row compares the recognition-weighted run with the plain one, whichever is the method's
+    w, p = ("ablation", "boot") if cfg.weighting == "none" else ("boot", "ablation")
+    w_name = ablation_weighting(cfg) if cfg.weighting == "none" else cfg.weighting
     rows = [
         {"effect": "1 asymmetry: IDP ≫ FDP from the same gold data", "measured": f"IDP exact {results['idp']['exact']:.3f} vs FDP(gold) exact {fdp('gold'):.3f}",
          "shows": _verdict(results["idp"]["exact"], fdp("gold"), n)},
         {"effect": "2 bootstrapping: gold + pseudo beats gold only", "measured": f"FDP exact {fdp('boot'):.3f} vs {fdp('gold'):.3f} (changed cells {fdp('boot', 'changed_cell_acc'):.3f} vs {fdp('gold', 'changed_cell_acc'):.3f})",
-         "shows": _verdict(fdp("boot"), fdp("gold"), n)},
-        {"effect": "3 weighting: recognition-weighted beats plain CE", "measured": f"FDP exact {fdp('boot'):.3f} vs {fdp('plain'):.3f} (changed cells {fdp('boot', 'changed_cell_acc'):.3f} vs {fdp('plain', 'changed_cell_acc'):.3f})",
-         "shows": _verdict(fdp("boot"), fdp("plain"), n) if "fdp_plain" in results else "not run (ablation=false)"},
+         "shows": _verdict(fdp("boot"), fdp("gold"), n, _pairs(results, "boot", "gold"))},
+        {"effect": f"3 weighting: recognition-weighted ({w_name}) beats plain CE, on gold + pseudo", "measured": f"FDP exact {fdp(w):.3f} vs {fdp(p):.3f} (changed cells {fdp(w, 'changed_cell_acc'):.3f} vs {fdp(p, 'changed_cell_acc'):.3f})",
+         "shows": _verdict(fdp(w), fdp(p), n, _pairs(results, w, p)) if "fdp_ablation" in results else "not run (ablation=false)"},
         {"effect": "4 verification: best-of-N rises with N", "measured": ", ".join(f"N={k}: {bon[k]['exact']:.3f}" for k in ns) + f" (oracle@{ns[-1]} {bon[ns[-1]]['oracle']:.3f})",
          "shows": _verdict(bon[ns[-1]]["exact"], bon[ns[0]]["exact"], n)},
     ]
@@ -126,8 +162,9 @@ def write_quickstart_report(root: Path, cfg, results: dict, seconds: dict) -> tu
     score_vs_n_plot(root / "eval" / "best_of_n.png", {"exact": {k: bon[k]["exact"] for k in ns},
                                                       "oracle": {k: bon[k]["oracle"] for k in ns}}, "exact match")
     sections = [
-        ("The four effects (test split, exact match on parsed scenes)", table + f"\n\n{n} test pairs; 'shows' = a gap larger than two binomial standard errors."),
-        ("Pseudo-labels", f"accuracy against videos_truth.jsonl: {pl.get('accuracy')}\n\n```\n{pl}\n```"),
+        ("The four effects (test split, exact match on parsed scenes)", table + f"\n\n{n} test pairs; 'shows' = a gap larger than two standard errors (rows 2 and 3: paired, the two FDPs "
+                 "scored on the same pairs; rows 1 and 4: binomial)."),
+        ("Pseudo-labels", _pseudo_section(pl, results.get("pseudo_labels_kept"))),
         ("Best-of-N through the serve app", "![best-of-N](eval/best_of_n.png)\n\n![candidates](eval/best_of_n_grid.png)"),
         ("Time per stage (s)", md_table([seconds])),
         ("Command", f"`dynboot quickstart --out {cfg.out}` with config in `config.yaml`"),

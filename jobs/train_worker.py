@@ -245,7 +245,7 @@ def train_loop(config: dict) -> None:
     model.to(device)
     pool = read_shard(cfg, rank)
     augment = None
-    if cfg.augment and cfg.task == "idp" and spec is not None and model.backend == "tiny":
+    if cfg.augment and spec is not None and model.backend == "tiny":
         from dynboot.world.augment import world_augmenter
 
         augment = gold_only(world_augmenter(spec))

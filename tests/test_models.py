@@ -88,6 +88,21 @@ def test_kv_cache_matches_recompute(model, pairs):
     assert torch.equal(a, model.sample(before[:3], actions[:3], n=2, temperature=1.0, seed=7))  # seeded
 
 
+
+def test_greedy_sampling_sees_the_training_layout(model, pairs):
+    """Greedy codes fed back as the target image: the training forward's argmax at every code-predicting
+    position must reproduce them (token, position and cell features of generation = those of training)."""
+    before, _, actions = pairs
+    codes = model.sample(before[:4], actions[:4], n=1, temperature=0)[:, 0]
+    after = model.tokenizer.decode(codes)
+    examples = [Example(before=before[i], after=after[i], action=actions[i]) for i in range(4)]
+    batch = model.collate(examples, "fdp")
+    with torch.no_grad():
+        logits = model._forward(model.net, batch).logits
+    predicts_code = batch["image_of"][:, 1:] == 1  # position j predicts the token at j+1
+    teacher = model.image_logits(logits[:, :-1])[predicts_code].argmax(-1).reshape(4, -1)
+    assert torch.equal(teacher, codes)
+
 def test_weighted_loss_with_unit_weights_is_plain_ce(model, pairs):
     before, after, actions = pairs
     ex = [Example(before[i], after[i], actions[i]) for i in range(len(actions))]

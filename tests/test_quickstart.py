@@ -12,11 +12,15 @@ def test_quickstart_small(tmp_path):
 
     out = tmp_path / "qs"
     cfg = QuickstartConfig(out=str(out), gold=120, videos=8, test=24, idp_steps=20, fdp_steps=12, batch_size=8,
-                           ns=[1, 2], port=8123, num_cpus=4)
+                           ns=[1, 2], port=8123, num_cpus=4, min_score=-1e9)  # an IDP this small is never sure
     summary = run(cfg)
-    for stage in ("world", "idp", "relabel", "filter", "fdp_gold", "fdp_boot", "fdp_plain"):
+    for stage in ("world", "idp", "relabel", "filter", "fdp_gold", "fdp_boot", "fdp_ablation"):
         assert (out / stage / "summary.json").is_file(), stage
-    for model in ("idp", "fdp_gold", "fdp_boot", "fdp_plain"):
+    import yaml
+
+    assert yaml.safe_load((out / "fdp_boot" / "config.yaml").read_text())["weighting"] == cfg.weighting == "none"
+    assert yaml.safe_load((out / "fdp_ablation" / "config.yaml").read_text())["weighting"] == "relative"
+    for model in ("idp", "fdp_gold", "fdp_boot", "fdp_ablation"):
         assert (out / model / "model" / "dynboot.json").is_file(), model
     assert list((out / "relabel" / "shards").glob("*.parquet"))
     report = (out / "report.md").read_text()
@@ -26,3 +30,18 @@ def test_quickstart_small(tmp_path):
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert set(metrics["best_of_n"]["by_n"]) == {"1", "2"} and metrics["test_pairs"] == 24
     assert summary["seconds"]["total"] > 0
+
+
+def test_paired_verdict_counts_only_the_pairs_where_the_models_differ():
+    """Two FDPs scored on the same pairs: 36 pairs only A gets right, 16 only B, the rest agree. The unpaired
+    binomial test calls the 0.067 gap noise; the paired one (what the report uses for rows 2 and 3) does not."""
+    from jobs.quickstart_eval import _verdict
+
+    a = [1] * 36 + [0] * 16 + [1] * 127 + [0] * 121
+    b = [0] * 36 + [1] * 16 + [1] * 127 + [0] * 121
+    pa, pb = sum(a) / len(a), sum(b) / len(b)
+    assert _verdict(pa, pb, len(a)) == "within noise"
+    assert _verdict(pa, pb, len(a), (a, b)) == "yes"
+    assert _verdict(pb, pa, len(a), (b, a)) == "no (reversed)"
+    same = [1] * 150 + [0] * 150
+    assert _verdict(0.5, 0.5, 300, (same, same)) == "within noise"

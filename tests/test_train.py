@@ -82,7 +82,7 @@ def check_export(out: Path) -> None:
     net = WorldLM.from_pretrained(out / "model", local_files_only=True).eval()
     with torch.no_grad():
         logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                     cell_ids=b["cell_of"], diff_flags=b["diff_flags"]).logits
+                     cell_ids=b["cell_in"], diff_flags=b["diff_flags"], before_codes=b.get("before_codes")).logits
     assert logits.shape == probe["engine_outputs"].shape
     assert (logits - probe["engine_outputs"]).abs().max().item() < 1e-4
     assert load_model(out / "model").backend == "tiny"
@@ -218,7 +218,7 @@ def test_zero3_lora_exports_real_adapter_and_skips_malformed_rows(task, ray_clus
     net = PeftModel.from_pretrained(WorldLM.from_pretrained(base_model, local_files_only=True), out / "adapter").eval()
     with torch.no_grad():
         logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                     cell_ids=b["cell_of"], diff_flags=b["diff_flags"]).logits
+                     cell_ids=b["cell_in"], diff_flags=b["diff_flags"], before_codes=b.get("before_codes")).logits
     assert (logits - probe["engine_outputs"]).abs().max().item() < 1e-4
 
 

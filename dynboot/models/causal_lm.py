@@ -81,13 +81,20 @@ class CausalLMModel(UnifiedModel):
         flags = torch.where(is_img, torch.gather(changed, 1, cell), flags)
         return flags
 
+    def _before_codes(self, b: dict[str, torch.Tensor], a_codes: torch.Tensor) -> torch.Tensor:
+        """1 + A[k] at the inputs that predict cell k of the generated image (FDP), 0 elsewhere."""
+        predicts = (b["cell_in"] >= 0) & (b["image_of"] != 0)
+        return torch.where(predicts, torch.gather(a_codes, 1, b["cell_in"].clamp(min=0)) + 1, 0)
+
     def _forward(self, net, b: dict[str, torch.Tensor], diff: torch.Tensor | None = None, **kw):
         dev = self.device
         args = {"input_ids": b["input_ids"].to(dev), "attention_mask": b["attention_mask"].to(dev),
                 "position_ids": b["position_ids"].to(dev), **kw}
         if self._world_features:
-            args["cell_ids"] = b["cell_of"].to(dev)
+            args["cell_ids"] = b["cell_in"].to(dev)
             args["diff_flags"] = (diff if diff is not None else torch.zeros_like(b["input_ids"])).to(dev)
+            if "before_codes" in b:
+                args["before_codes"] = b["before_codes"].to(dev)
         return net(**args)
 
     # ---- training --------------------------------------------------------------------------------
@@ -109,6 +116,8 @@ class CausalLMModel(UnifiedModel):
             weights = torch.where(on_b, w, weights)
         batch["target_weights"] = weights
         batch["diff_flags"] = self._diff_flags(batch, a, b) if task == "idp" else torch.zeros_like(batch["input_ids"])
+        if task == "fdp" and self._world_features:
+            batch["before_codes"] = self._before_codes(batch, a)
         return batch
 
     def loss(self, batch: dict[str, torch.Tensor], net: torch.nn.Module | None = None) -> torch.Tensor:
@@ -191,7 +200,7 @@ class CausalLMModel(UnifiedModel):
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], 1)
             pos = pos + 1
             step = {"input_ids": tok[:, None].cpu(), "attention_mask": mask.cpu(), "position_ids": pos.cpu(),
-                    "cell_of": torch.full((B, 1), -1)}
+                    "cell_in": torch.full((B, 1), -1)}
             logits = self._forward(self.net, step, past_key_values=cache, use_cache=True).logits[:, -1].float()
         return gen
 
@@ -210,6 +219,9 @@ class CausalLMModel(UnifiedModel):
         B, L = len(a), self.tokenizer.tokens_per_image
         R = len(layouts) * n  # rows decoded together
         gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ()).item()))
+        a_rows = (a if cfg == 1.0 else torch.cat([a, a])).repeat_interleave(n, 0)  # the before codes of each row
+        if self._world_features:
+            batch["before_codes"] = self._before_codes(batch, a if cfg == 1.0 else torch.cat([a, a]))
         rep = {k: v.repeat_interleave(n, 0) for k, v in batch.items()}
         codes = torch.empty((B * n, L), dtype=torch.long)
         if use_cache:
@@ -223,7 +235,9 @@ class CausalLMModel(UnifiedModel):
         for t in range(L):
             if not use_cache:  # reference path for the benchmark: recompute the whole sequence each step
                 full = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-                        "cell_of": torch.cat([rep["cell_of"], torch.arange(t).expand(R, t)], 1)}
+                        "cell_in": torch.cat([rep["cell_in"], torch.arange(1, t + 1).expand(R, t)], 1)}
+                if self._world_features:
+                    full["before_codes"] = torch.cat([rep["before_codes"], a_rows[:, 1: t + 1] + 1], 1)
                 logits = self._forward(self.net, full).logits[:, -1].float()
             img = self.image_logits(logits).cpu()
             if cfg != 1.0:
@@ -237,7 +251,9 @@ class CausalLMModel(UnifiedModel):
             pos = pos + 1
             if use_cache:
                 step = {"input_ids": nxt, "attention_mask": mask, "position_ids": pos,
-                        "cell_of": torch.full((R, 1), t)}
+                        "cell_in": torch.full((R, 1), t + 1)}  # code t goes in, code t+1 comes out
+                if self._world_features:
+                    step["before_codes"] = a_rows[:, t + 1: t + 2] + 1
                 logits = self._forward(self.net, step, past_key_values=cache, use_cache=True).logits[:, -1].float()
             else:
                 ids = torch.cat([ids, nxt], 1)
@@ -276,6 +292,7 @@ def pad_layouts(layouts: list[Layout], pad: int, left_pad: bool = False) -> dict
     mask = torch.zeros((B, n), dtype=torch.long)
     target = torch.zeros((B, n), dtype=torch.bool)
     cells = torch.full((B, n), -1, dtype=torch.long)
+    cells_in = torch.full((B, n), -1, dtype=torch.long)
     images = torch.full((B, n), -1, dtype=torch.long)
     for i, l in enumerate(layouts):
         sl = slice(n - len(l.ids), n) if left_pad else slice(0, len(l.ids))
@@ -283,8 +300,9 @@ def pad_layouts(layouts: list[Layout], pad: int, left_pad: bool = False) -> dict
         mask[i, sl] = 1
         target[i, sl] = torch.tensor(l.target)
         cells[i, sl] = torch.tensor(l.cell_of)
+        cells_in[i, sl] = torch.tensor(l.cell_in)
         images[i, sl] = torch.tensor(l.image_of)
-    out = {"input_ids": ids, "attention_mask": mask, "target": target, "cell_of": cells, "image_of": images}
+    out = {"input_ids": ids, "attention_mask": mask, "target": target, "cell_of": cells, "cell_in": cells_in, "image_of": images}
     out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     return out
 

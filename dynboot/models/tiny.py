@@ -70,6 +70,7 @@ class TinyWorldModel(CausalLMModel):
             grid=spec.grid, vocab_size=len(tok) + 1 + spec.n_kinds, hidden_size=hidden, intermediate_size=ffn,
             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
             max_position_embeddings=256, tie_word_embeddings=False, diff_embeddings=diff_embeddings,
+            before_embeddings=True, codebook_size=1 + spec.n_kinds,
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         )
         cfg._attn_implementation = "sdpa"
