@@ -97,14 +97,9 @@ def _with_earlier_times(root: Path, times: dict[str, float], done_before: list[s
     if not done_before or not earlier_path.is_file():
         return times
     earlier = json.loads(earlier_path.read_text()).get("seconds", {})
-    out = dict(times)
-    for k in done_before:
-        if k in earlier:
-            out[k] = earlier[k]
-    out["total"] = sum(v for k, v in out.items() if k not in ("total", "this_run")) + (times["total"] - sum(
-        v for k, v in times.items() if k != "total"))
-    out["this_run"] = times["total"]
-    return out
+    reused = {k: earlier[k] for k in done_before if k in earlier}
+    total = times["total"] + sum(v - times.get(k, 0.0) for k, v in reused.items())
+    return times | reused | {"total": total, "this_run": times["total"]}
 
 
 def run(cfg: QuickstartConfig) -> dict:

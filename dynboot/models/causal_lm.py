@@ -219,9 +219,10 @@ class CausalLMModel(UnifiedModel):
         B, L = len(a), self.tokenizer.tokens_per_image
         R = len(layouts) * n  # rows decoded together
         gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ()).item()))
-        a_rows = (a if cfg == 1.0 else torch.cat([a, a])).repeat_interleave(n, 0)  # the before codes of each row
+        a_prompts = a if cfg == 1.0 else torch.cat([a, a])  # the before codes of each prompt (CFG: twice)
+        a_rows = a_prompts.repeat_interleave(n, 0)  # ... and of each decoded row
         if self._world_features:
-            batch["before_codes"] = self._before_codes(batch, a if cfg == 1.0 else torch.cat([a, a]))
+            batch["before_codes"] = self._before_codes(batch, a_prompts)
         rep = {k: v.repeat_interleave(n, 0) for k, v in batch.items()}
         codes = torch.empty((B * n, L), dtype=torch.long)
         if use_cache:
