@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from dynboot.aurora import decode_image, encode_png, read_aurora
+from dynboot.aurora import read_aurora
+from dynboot.images import decode_image, encode_png
 from dynboot.cli import job_main
 from dynboot.config import Config, save_config
 from dynboot.rundir import RunDir, append_jsonl, atomic_write_bytes, write_json
