@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import openai
 
-from dynboot.aurora import decode_image, encode_png
+from dynboot.images import decode_image, encode_png
 
 __all__ = ["Judge", "JudgeError", "JudgeResult", "PROMPT_VERSION", "judge_prompt", "judge_api_key", "parse_scores",
            "as_png"]

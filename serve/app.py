@@ -29,7 +29,6 @@ import asyncio
 import base64
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from dynboot import storage
 from dynboot.best_of_n import top_n
 from serve.auth import AuthPolicy, serve_bind_host
 from serve.openapi import openapi_schema
@@ -267,8 +267,8 @@ def build_app(args: dict):
     reads it from its own environment."""
     cfg = AppArgs.model_validate(dict(args or {}))
     cfg.check_paths()
-    cfg = cfg.model_copy(update={"generator_path": str(Path(cfg.generator_path).resolve()),
-                                 "verifier_path": str(Path(cfg.verifier_path).resolve())})
+    cfg = cfg.model_copy(update={"generator_path": storage.absolute(cfg.generator_path),  # replicas run elsewhere
+                                 "verifier_path": storage.absolute(cfg.verifier_path)})
     generator = Generator.options(**cfg.generator.serve_options()).bind(
         cfg.generator_path, cfg.max_prompt_tokens, cfg.generator_batch.max_rows, cfg.generator_batch.batch_wait_timeout_s,
         cfg.generator_faults.model_dump())

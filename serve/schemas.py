@@ -11,11 +11,11 @@ the builder sets); a test keeps the two equal.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from dynboot import storage
 from dynboot.config import Config
 
 GENERATOR, VERIFIER, INGRESS = "Generator", "Verifier", "BestOfNIngress"
@@ -127,9 +127,10 @@ class AppArgs(Config):
     """Arguments of `serve.app:build_app`: checkpoints, request limits, auth, deadlines and each tier's settings."""
 
     generator_path: str = Field("", description=(
-        "FDP checkpoint directory (Hugging Face layout + dynboot.json, read by dynboot.models.registry.load_model)."))
+        "FDP checkpoint directory (Hugging Face layout + dynboot.json), local or a URI (s3://, gs://, file://: "
+        "fetched once per node into a local cache)."))
     verifier_path: str = Field("", description=(
-        "IDP checkpoint directory (the verifier; may be the same checkpoint as the generator)."))
+        "IDP checkpoint directory or URI (the verifier; may be the same checkpoint as the generator)."))
     model_name: str = Field("dynboot-best-of-n", description="Model id reported by /v1/models and in responses.")
     max_best_of: int = Field(16, ge=1, le=256, description=(
         "Most candidates one request may have sampled (`best_of`); `n`, the images returned, is at most best_of."))
@@ -213,10 +214,14 @@ class AppArgs(Config):
         return self.request_deadline_s + self.body_timeout_s + 30.0
 
     def check_paths(self) -> None:
-        """Name a missing checkpoint before any replica starts."""
+        """Name a missing checkpoint (a local directory or a URI) before any replica starts."""
         for key in ("generator_path", "verifier_path"):
             value = getattr(self, key)
             if not value:
-                raise ValueError(f"{key} is not set: pass {key}=DIR (a dynboot checkpoint directory)")
-            if not (Path(value) / "dynboot.json").is_file():
+                raise ValueError(f"{key} is not set: pass {key}=DIR or a URI (a dynboot checkpoint directory)")
+            try:
+                found = storage.is_file(storage.join(value, "dynboot.json"))
+            except OSError as err:  # unreachable bucket, no credentials, ...
+                raise ValueError(f"{key}={value!r} cannot be read: {type(err).__name__}: {err}") from None
+            if not found:
                 raise ValueError(f"{key}={value!r} is not a dynboot checkpoint directory (no dynboot.json)")

@@ -5,7 +5,9 @@
 - `@serve.batch` merges concurrent requests by rows (`batch_size_fn`: candidates sampled or scored, pairs
   captioned) up to the tier's row budget, so one forward never holds more rows than the config allows.
 - Prompts are counted in the model's own text tokens before any model work (400 `prompt_too_long`).
-- Images become the model's square input through its tokenizer's policy (`_model_input`).
+- Images become the model's square input through its tokenizer's policy (`_model_input`, dynboot.images).
+- Checkpoints may be local directories or URIs (s3://, gs://, file://): fetched once per node
+  (dynboot.storage.local_model_dir).
 - Faults that heal: a CUDA-style error marks the replica broken; later calls on it fail fast (the ingress
   retries elsewhere) and `check_health` fails, so Serve replaces the replica. `check_health` otherwise runs a
   tiny forward whenever the model is idle.
@@ -28,7 +30,8 @@ import numpy as np
 import torch
 from ray import serve
 
-from dynboot.aurora import decode_image, encode_png
+from dynboot import storage
+from dynboot.images import ImagePolicy, decode_image, encode_png
 from dynboot.models.registry import load_model
 from serve.schemas import GENERATOR, VERIFIER, FaultInjection
 from serve.validate import ApiError
@@ -55,20 +58,19 @@ def is_device_fault(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(m in str(err) for m in DEVICE_FAULT_MARKERS)
 
 
-def fit_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize to the model's square input side (bicubic) unless it already fits: the fallback for tokenizers
-    that carry no `policy` yet (dynboot/images.py's ImagePolicy replaces this once every tokenizer has one)."""
-    if image.shape[:2] == (size, size):
-        return image
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+def input_policy(model) -> ImagePolicy:
+    """The model's own image policy; a bicubic squash for a tokenizer that does not carry one yet."""
+    policy = getattr(model.tokenizer, "policy", None)
+    return policy if policy is not None else ImagePolicy(kind="squash", size=int(model.tokenizer.image_size),
+                                                         resample="bicubic")
 
 
 def serving_model(path: str):
-    """The checkpoint on this replica's GPU when Ray gave it one (`num_gpus` in the tier), else on CPU."""
+    """The checkpoint (local or a URI, fetched once per node) on this replica's GPU when Ray gave it one
+    (`num_gpus` in the tier), else on CPU."""
     torch.set_num_threads(1)  # replicas share a few cores; intra-op threads would oversubscribe them
-    return load_model(path, device="cuda" if torch.cuda.is_available() else "cpu").eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_model(storage.local_model_dir(path), device=device).eval()
 
 
 def model_info(model) -> dict:
@@ -158,6 +160,7 @@ class ModelTier:
 
     def __init__(self, path: str, max_prompt_tokens: int, faults: dict | None):
         self.model = serving_model(path)
+        self.policy = input_policy(self.model)
         self.lock = threading.Lock()  # one model call at a time per replica (torch state is not shared safely)
         self.max_prompt_tokens = prompt_token_limit(self.model, max_prompt_tokens)
         self.faults = FaultInjection.model_validate(faults or {})
@@ -177,10 +180,8 @@ class ModelTier:
             raise ApiError(400, f"{param} is {tokens} tokens long; the limit is {self.max_prompt_tokens} tokens",
                            param=param, code="prompt_too_long")
 
-    def _model_input(self, png: bytes) -> np.ndarray:
-        image = decode_image(png)
-        policy = getattr(self.model.tokenizer, "policy", None)
-        return policy.apply(image) if policy is not None else fit_image(image, self.model.tokenizer.image_size)
+    def _model_input(self, encoded: bytes) -> np.ndarray:
+        return self.policy.apply(decode_image(encoded))
 
     def _model_call(self, jobs: list[Job], fn: Callable):
         """`fn()` under the lock, unless every job in it was cancelled; a device fault marks the replica broken."""

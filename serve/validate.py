@@ -28,7 +28,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from dynboot.aurora import decode_image
+from dynboot.images import decode_image
 from serve.schemas import AppArgs
 
 log = logging.getLogger("ray.serve")

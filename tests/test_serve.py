@@ -4,7 +4,8 @@ Two apps share one module-scoped cluster (tests/serve_harness.py):
 - `main` at /     : no token (loopback clients only), tight image limits (oversize cases are cheap to build),
                     max_best_of 8, the OpenAPI schema served (the fuzz test reads it);
 - `guarded` at /g : bearer token required, generator with 1 request in flight + 1 queued (-> 429),
-                    candidates sent to the verifier as PNGs instead of codes.
+                    candidates sent to the verifier as PNGs instead of codes, the verifier's checkpoint read
+                    from an S3 URI (a real S3-protocol server on loopback, tests/s3_server.py).
 Faults (CUDA-style errors, deadlines, slow bodies) are in tests/test_serve_faults.py.
 """
 
@@ -26,7 +27,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from PIL import Image
 
-from dynboot.aurora import decode_image, encode_png
+from dynboot.images import decode_image, encode_png
 from dynboot.best_of_n import score_candidates
 from dynboot.models.registry import load_model
 from serve.schemas import GENERATOR, INGRESS, VERIFIER, AppArgs
@@ -48,18 +49,22 @@ def scene():
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, s3_server):
+    from dynboot import storage
+
     paths = checkpoints(tmp_path_factory.mktemp("serve"), {"fdp": ("xs", 0), "idp": ("xs", 1), "fdp_slow": ("m", 2)})
+    idp_uri = storage.copy_dir(paths["idp"], storage.join(s3_server.bucket("serve-models"), "idp model #1"))
     main = {"generator_path": paths["fdp"], "verifier_path": paths["idp"], "max_best_of": 8, "openapi": True,
             "max_image_bytes": 64 * 1024, "max_image_pixels": 128 * 128, "api_token_env": "DYNBOOT_UNSET_TOKEN_ENV",
             "generator": tier(), "verifier": tier(), "ingress": tier()}
-    guarded = {"generator_path": paths["fdp_slow"], "verifier_path": paths["idp"], "api_token_env": TOKEN_ENV,
+    guarded = {"generator_path": paths["fdp_slow"], "verifier_path": idp_uri, "api_token_env": TOKEN_ENV,
                "replica_retries": 0, "candidate_transport": "png",
                "generator": tier(max_ongoing_requests=1, max_queued_requests=1), "verifier": tier(), "ingress": tier()}
-    with serve_apps({"main": ("/", main), "guarded": ("/g", guarded)}, env={TOKEN_ENV: TOKEN}) as url:
+    cache = str(tmp_path_factory.mktemp("model_cache"))
+    with serve_apps({"main": ("/", main), "guarded": ("/g", guarded)}, env={TOKEN_ENV: TOKEN, "DYNBOOT_CACHE_DIR": cache}) as url:
         wait_ready(url)
         wait_ready(f"{url}/g")
-        yield {"url": url, "paths": paths}
+        yield {"url": url, "paths": paths, "idp_uri": idp_uri, "cache": cache}
 
 
 def client(url: str, key: str = "unused") -> "openai.OpenAI":
@@ -217,8 +222,13 @@ def test_other_bad_requests_and_replica_survives(app, scene):
     assert ok.status_code == 200 and len(ok.json()["data"]) == 2, ok.text
 
 
-def test_png_candidate_transport_scores_like_codes(app, scene):
+def test_png_candidate_transport_scores_like_codes_and_a_checkpoint_uri_is_served(app, scene):
+    """The guarded app's verifier was loaded from s3://…/idp model #1 (fetched into the node's cache): its scores
+    equal the local checkpoint's."""
+    from pathlib import Path
+
     before, action = scene
+    assert [p.name for p in Path(app["cache"]).iterdir() if not p.name.startswith(".")][0].startswith("idp model #1-")
     r = post_edit(f"{app['url']}/g", encode_png(before), action, best_of=3, seed=7, return_candidates="true",
                   headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and r.json()["verifier_transport"] == "png", r.text
