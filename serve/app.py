@@ -81,7 +81,8 @@ def _b64(data: bytes) -> str:
 # (with the globals its routes reference) when the class below is decorated. FastAPI's own schema and docs
 # routes are off: /openapi.json is served below, behind auth, only when enabled.
 api = FastAPI(title="dynboot best-of-N",
-              description="Forward dynamics (FDP) sampling verified by inverse dynamics (IDP).", docs_url=None, redoc_url=None, openapi_url=None)
+              description="Forward dynamics (FDP) sampling verified by inverse dynamics (IDP).",
+              docs_url=None, redoc_url=None, openapi_url=None)
 install_error_handlers(api)
 
 
