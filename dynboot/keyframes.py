@@ -228,16 +228,16 @@ def _thumb_plan(src: FrameSource, cfg: KeyframeConfig, path: str) -> tuple[tuple
     """(thumbnail shape, chunk) within max_pixels; too_large when one full frame is over it."""
     info = src.info
     if info.height * info.width > cfg.max_pixels:
-        raise VideoFault("too_large", f"{path}: frames of {info.width}x{info.height} = {info.height * info.width} "
-                         f"pixels exceed max_pixels={cfg.max_pixels}")
+        raise VideoFault("too_large", f"too large: {path}: frames of {info.width}x{info.height} = "
+                         f"{info.height * info.width} pixels exceed max_pixels={cfg.max_pixels}")
     hw = thumbnail_shape(info.height, info.width, cfg.motion_px)
     return hw, max(1, min(cfg.chunk, cfg.max_pixels // (hw[0] * hw[1])))
 
 
-def motion_track(frames: np.ndarray | FrameSource, cfg: KeyframeConfig) -> MotionTrack:
+def motion_track(frames: np.ndarray | FrameSource, cfg: KeyframeConfig, name: str = "frames") -> MotionTrack:
     """The strategy's motion scores (and cuts) of frames [T, H, W, 3] in memory, or of a FrameSource."""
     src = frames if hasattr(frames, "thumbnails") else ArraySource(np.asarray(frames))
-    hw, chunk = _thumb_plan(src, cfg, "frames")
+    hw, chunk = _thumb_plan(src, cfg, name)
     scorer = _scorer(cfg, hw)
     for part in _decoded(iter(src.thumbnails(*hw, chunk)), "thumbnails"):
         scorer.update(part)
@@ -250,19 +250,25 @@ def keyframes_of(src: FrameSource, cfg: KeyframeConfig, policy: ImagePolicy | in
     policy, info = as_policy(policy), src.info
     gap = gap_frames(cfg, info.fps)
     need = gap + 1 if cfg.strategy == "peaks" else 2  # two key frames `gap` apart
+
+    def too_short(frames: int) -> VideoFault:
+        return VideoFault("too_short", f"too short: {name}: {frames} decodable frame(s); a pair needs at least {need}")
+
     if info.decoder == "decord" and info.frames < need:  # decord's count is exact: fail before decoding
-        raise VideoFault("too_short", f"{name}: {info.frames} frame(s); a pair needs at least {need}")
-    track = motion_track(src, cfg)
+        raise too_short(info.frames)
+    track = motion_track(src, cfg, name)
     if track.frames < need:
-        raise VideoFault("too_short", f"{name}: {track.frames} decodable frame(s); a pair needs at least {need}")
+        raise too_short(track.frames)
     keys = select_keyframes(track, cfg, info.fps)
     shots = track.shots()
     pairs = consecutive_pairs(keys, shots)
     if not pairs:
-        detail = (f"no shot has two frames with motion > min_motion={cfg.min_motion} at least {gap} frames apart "
-                  f"(highest motion {track.motion.max():.4f}, {len(track.cuts) + 1} shot(s))"
-                  if cfg.strategy == "peaks" else f"{len(keys)} still run(s) of >= {cfg.min_still} frames; a pair needs 2")
-        raise VideoFault("no_keyframes", f"{name}: {track.frames} frames, {detail}")
+        if cfg.strategy == "peaks":
+            detail = (f"no shot has two frames with motion > min_motion={cfg.min_motion} at least {gap} frames "
+                      f"apart (highest motion {track.motion.max():.4f}, {len(track.cuts) + 1} shot(s))")
+        else:
+            detail = f"{len(keys)} still run(s) of >= {cfg.min_still} frames; a pair needs 2"
+        raise VideoFault("no_keyframes", f"no key frames: {name}: {track.frames} frames, {detail}")
     images = {i: encode_png(policy.apply(frame)) for i, frame in _decoded(iter(src.frames(keys)), "key frames")}
     if sorted(images) != keys:
         raise _DecodeError(f"key frames: decoded {sorted(images)} of {keys}")
@@ -271,7 +277,8 @@ def keyframes_of(src: FrameSource, cfg: KeyframeConfig, policy: ImagePolicy | in
                      {k: int(shots[k]) for k in keys}, track.cuts, gap if cfg.strategy == "peaks" else 0, cfg.strategy)
 
 
-def extract_keyframes(frames: np.ndarray, cfg: KeyframeConfig, policy: ImagePolicy | int, fps: float = 0.0) -> Keyframes:
+def extract_keyframes(frames: np.ndarray, cfg: KeyframeConfig, policy: ImagePolicy | int,
+                      fps: float = 0.0) -> Keyframes:
     """Key frames and pairs of an already decoded video [T, H, W, 3] uint8."""
     return keyframes_of(ArraySource(frames, fps), cfg, policy)
 
@@ -293,9 +300,9 @@ def _local_keyframes(local: str, cfg: KeyframeConfig, policy: ImagePolicy | int,
         return keyframes_of(src, cfg, policy, name)
     except _DecodeError as err:
         if cfg.decoder != "auto" or isinstance(src, PyAVSource):
-            raise VideoFault("unreadable", f"{name}: {src.info.decoder}: {err}") from None
+            raise VideoFault("unreadable", f"unreadable video {name}: {src.info.decoder}: {err}") from None
         first = err  # decord opened the file but failed reading it: salvage what PyAV can read
     try:
         return keyframes_of(open_video(local, "pyav"), cfg, policy, name)
     except _DecodeError as err:
-        raise VideoFault("unreadable", f"{name}: decord: {first}; pyav: {err}") from None
+        raise VideoFault("unreadable", f"unreadable video {name}: decord: {first}; pyav: {err}") from None

