@@ -6,6 +6,8 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dynboot.images import decode_image, encode_png
 from dynboot.images import ImagePolicy
@@ -98,6 +100,29 @@ def test_select_peaks_within_shots_and_pairs_never_across_a_cut():
     assert select_peaks(motion, k=3, min_gap=20, shots=shots) == [5, 30]
     assert select_peaks(motion, k=5, min_gap=5, shots=shots) == [5, 30, 62, 70, 95]  # k=5: shot 2 gets a third
     assert select_peaks(motion, k=6, min_gap=50, shots=shots) == []  # no shot holds two frames 50 apart
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 5), min_size=1, max_size=120), st.lists(st.integers(1, 119), max_size=6),
+       st.integers(2, 8), st.integers(1, 30), st.floats(0, 2))
+def test_select_peaks_properties(motion, cuts, k, gap, min_motion):
+    """Any motion, cuts, k and gap: at most k key frames, sorted, each moving more than min_motion; every shot
+    chosen from holds at least two of them min_gap apart, so every key frame is in a pair."""
+    motion = np.asarray(motion)
+    starts = np.zeros(len(motion), np.int64)
+    starts[[c for c in cuts if c < len(motion)]] = 1
+    shots = np.cumsum(starts)
+    keys = select_peaks(motion, k, gap, shots, min_motion)
+    assert keys == sorted(set(keys)) and len(keys) <= k and all(motion[t] > min_motion for t in keys)
+    for s in {int(shots[t]) for t in keys}:
+        mine = [t for t in keys if shots[t] == s]
+        assert len(mine) >= 2 and all(b - a >= gap for a, b in zip(mine, mine[1:]))
+    pairs = consecutive_pairs(keys, shots)
+    assert {t for p in pairs for t in p} == set(keys)
+    if not keys:  # nothing chosen only when no shot has two candidates gap apart (or k allows no pair)
+        for s in set(shots.tolist()):
+            cand = [t for t in range(len(motion)) if shots[t] == s and motion[t] > min_motion]
+            assert not cand or cand[-1] - cand[0] < gap
 
 
 def test_select_stills_middle_of_long_still_runs():
