@@ -156,7 +156,7 @@ def relabel_config(world: Path, out: Path, idp: Path, cluster):
     # once the other is gone (whole CPUs deadlock a small cluster: reference/ray_feasibility.md).
     return RelabelConfig(videos=str(world / "videos"), out=str(out), model_path=str(idp), batch_size=8,
                          videos_per_batch=1, min_actors=1, max_actors=2, idp_cpus=0.5, decode_cpus=0.5,
-                         write_cpus=0.25, progress_s=60, ray_address=cluster.address)
+                         write_cpus=0.25, progress_s=60, ray_address=cluster.address, keyframes={"strategy": "stills"})
 
 
 def shard_ids(out: Path) -> set[str]:

@@ -47,6 +47,7 @@ def idp(tmp_path_factory) -> Path:
 
 
 def _cfg(videos, out, idp, **kw) -> RelabelConfig:
+    kw.setdefault("keyframes", {"strategy": "stills"})  # the world's key states are its stills
     return RelabelConfig(videos=str(videos), out=str(out), model_path=str(idp), batch_size=8, videos_per_batch=1,
                          decode_cpus=1.0, progress_s=60, **kw)  # whole CPUs: fewer worker processes to start
 
@@ -110,7 +111,7 @@ def test_resume_after_the_job_is_killed_mid_run(cluster, reference, idp, small_w
     """SIGKILL the driver once some shards exist; the rerun finishes the rest: same rows, no duplicates."""
     out = tmp_path / "run"
     args = [sys.executable, "-m", "jobs.relabel", f"videos={small_world / 'videos'}", f"out={out}",
-            f"model_path={idp}", "batch_size=8", "videos_per_batch=1", f"ray_address={cluster}"]
+            f"model_path={idp}", "batch_size=8", "videos_per_batch=1", f"ray_address={cluster}", "keyframes.strategy=stills"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
