@@ -1,7 +1,7 @@
 """`dynboot serve`: start the best-of-N Serve app on a local Ray cluster (or an existing one) and wait.
 
     dynboot serve generator_path=runs/quickstart/fdp/checkpoint verifier_path=runs/quickstart/idp/checkpoint
-    dynboot serve my_serve.yaml port=8001 max_n=8 generator.autoscaling.max_replicas=4
+    dynboot serve my_serve.yaml port=8001 max_best_of=8 generator.autoscaling.max_replicas=4
     python -m serve.run_local generator_path=... verifier_path=...          # the same program
 
 On a cluster use the Serve config instead: `serve run serve/config.yaml` (local) or
