@@ -34,9 +34,14 @@ def score_candidates(idp: UnifiedModel, before: np.ndarray, candidates: torch.Te
     return idp.action_logprob(rep_before, candidates.reshape(B * N, L), rep_actions).reshape(B, N)
 
 
+def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., N] scores -> [..., n] candidate indices, best first; ties go to the lowest index (deterministic)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n]
+
+
 def pick_best(candidates: torch.Tensor, scores: torch.Tensor) -> BestOfN:
     """Highest score wins; ties go to the lowest index (deterministic)."""
-    index = scores.argmax(-1)
+    index = top_n(scores, 1)[..., 0]
     codes = candidates[torch.arange(len(candidates)), index]
     return BestOfN(codes, index, candidates, scores)
 

@@ -9,18 +9,24 @@ the before image, the edited image and the instruction through the `openai` clie
 - The ground-truth target is never shown (as in the paper); temperature 0; images go as base64 PNG data URLs.
 - Calls run on a thread pool; 429, 5xx, timeouts and connection errors are retried with exponential
   back-off (honouring `Retry-After`), other 4xx are not.
-- Every reply (parsable or not) is appended to a JSONL cache keyed by sha256(model, prompt version,
-  both PNGs, instruction): a rerun, or the same edit twice, pays nothing again. Failed calls are not
-  cached, so a rerun retries them.
+- Every reply is appended to a JSONL cache keyed by sha256(base URL, model, prompt version, every
+  generation parameter, both PNGs, instruction): a rerun, or the same edit twice, pays nothing again.
+  Only replies that parse are reused; an unparsable or empty reply is recorded (`parsed: false`) but
+  asked again by a later call or rerun, and failed calls are not cached, so a rerun retries them.
 - An unparsable reply or a failed call gives scores None and an `error`; they are counted in `stats`.
-- The API key is read from the environment variable named by `api_key_env` (or passed in) and lives only
-  in the client: it is never written to the cache, results, stats or logs (error texts are redacted).
+- The API key lives only in the client: it is never written to the cache, results, stats or logs (error
+  texts are redacted). Which key goes where (`judge_api_key`): a judge-specific variable (`api_key_env`
+  other than OPENAI_API_KEY, or DYNBOOT_JUDGE_API_KEY) goes to the judge's base URL, whatever it is; the
+  general OPENAI_API_KEY goes only to OpenAI's own endpoint or to a base URL over HTTPS or on loopback,
+  never in clear text to another host (the judge refuses to start instead). The base URL is the one the
+  client would use: `base_url`, else OPENAI_BASE_URL, else OpenAI's.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -32,13 +38,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 import openai
 
 from dynboot.images import decode_image, encode_png
 
-__all__ = ["Judge", "JudgeError", "JudgeResult", "PROMPT_VERSION", "judge_prompt", "parse_scores", "as_png"]
+__all__ = ["Judge", "JudgeError", "JudgeResult", "PROMPT_VERSION", "judge_prompt", "judge_api_key", "parse_scores",
+           "as_png"]
 
 log = logging.getLogger("dynboot.judge")
 
@@ -68,6 +76,9 @@ Put the score in a list such that output score = [score1, score2], where 'score1
 Editing instruction: """
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
+JUDGE_KEY_ENV = "DYNBOOT_JUDGE_API_KEY"
+OPENAI_BASE_URL = "https://api.openai.com/v1"
 _RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
 
 
@@ -120,6 +131,39 @@ def parse_scores(reply: str) -> tuple[float, float] | None:
     return None
 
 
+def effective_base_url(base_url: str | None) -> str:
+    """The URL the openai client will call: `base_url`, else OPENAI_BASE_URL (which the client reads), else OpenAI's."""
+    return (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+
+
+def _safe_for_general_key(url: str) -> bool:
+    parts = urlsplit(url)
+    if url == OPENAI_BASE_URL or parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def judge_api_key(base_url: str, api_key_env: str = OPENAI_KEY_ENV, api_key: str | None = None) -> str | None:
+    """The key to send to `base_url` (None: no key available). Raises JudgeError rather than send the general
+    OPENAI_API_KEY in clear text to another host."""
+    if api_key:
+        return api_key  # passed in explicitly by the caller
+    if api_key_env != OPENAI_KEY_ENV:
+        return os.environ.get(api_key_env) or None  # a variable named for this judge
+    if os.environ.get(JUDGE_KEY_ENV):
+        return os.environ[JUDGE_KEY_ENV]
+    key = os.environ.get(OPENAI_KEY_ENV)
+    if key and not _safe_for_general_key(base_url):
+        raise JudgeError(f"refusing to send {OPENAI_KEY_ENV} to {base_url}: it is not OpenAI's endpoint and not "
+                         f"HTTPS or loopback. Use an https:// judge_base_url, or put the judge server's own key in "
+                         f"{JUDGE_KEY_ENV} (or name another variable with judge_api_key_env=)")
+    return key or None
+
+
 def _result(key: str, reply: str, cached: bool) -> JudgeResult:
     scores = parse_scores(reply)
     if scores is None:
@@ -136,17 +180,20 @@ class Judge:
                  timeout_s: float = 120.0, max_tokens: int = 512):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        key = api_key or os.environ.get(api_key_env)
+        url = effective_base_url(base_url)
+        key = judge_api_key(url, api_key_env, api_key)
         if not key:
-            if not base_url:
+            if url == OPENAI_BASE_URL:
                 raise JudgeError(f"no API key for the judge: set the environment variable {api_key_env} "
                                  "(or name another with judge_api_key_env=), or point judge_base_url= at a local server")
             key = "no-key"  # local OpenAI-compatible servers usually take any key; the client insists on one
         # the client's own retries are off: ours count, log and honour Retry-After the same way for every server
-        self._client = openai.OpenAI(api_key=key, base_url=base_url or None, max_retries=0, timeout=timeout_s)
-        self.model, self.base_url = model, base_url
+        self._client = openai.OpenAI(api_key=key, base_url=url, max_retries=0, timeout=timeout_s)
+        self.model, self.base_url = model, url
         self.concurrency, self.max_retries = concurrency, max_retries
-        self.backoff_s, self.max_backoff_s, self.max_tokens = backoff_s, max_backoff_s, max_tokens
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        # every parameter that shapes a reply: sent with each call and part of each cache key
+        self.generation = {"temperature": 0, "max_tokens": max_tokens}
         self.cache_path = Path(cache_path) if cache_path else None
         self._lock = threading.Lock()
         self._cache: dict[str, str] = self._load_cache()
@@ -163,24 +210,29 @@ class Judge:
         for line in self.cache_path.read_text().splitlines():
             try:  # a line cut short by a crash is skipped, not fatal
                 row = json.loads(line)
-                cache[row["key"]] = row["reply"]
+                if parse_scores(row["reply"]) is not None:  # unparsable replies are asked again
+                    cache[row["key"]] = row["reply"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
         return cache
 
     def _store(self, key: str, instruction: str, reply: str) -> None:
+        parsed = parse_scores(reply) is not None
         with self._lock:
-            self._cache[key] = reply
+            if parsed:
+                self._cache[key] = reply
             if self.cache_path:
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                row = {"key": key, "model": self.model, "prompt_version": PROMPT_VERSION,
-                       "instruction": instruction, "reply": reply, "time": round(time.time(), 3)}
+                row = {"key": key, "base_url": self.base_url, "model": self.model, "prompt_version": PROMPT_VERSION,
+                       "generation": self.generation, "instruction": instruction, "reply": reply, "parsed": parsed,
+                       "time": round(time.time(), 3)}
                 with open(self.cache_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
 
     def cache_key(self, before_png: bytes, edited_png: bytes, instruction: str) -> str:
         h = hashlib.sha256()
-        for part in (self.model.encode(), PROMPT_VERSION.encode(), hashlib.sha256(before_png).digest(),
+        for part in (self.base_url.encode(), self.model.encode(), PROMPT_VERSION.encode(),
+                     json.dumps(self.generation, sort_keys=True).encode(), hashlib.sha256(before_png).digest(),
                      hashlib.sha256(edited_png).digest(), instruction.encode()):
             h.update(len(part).to_bytes(8, "little") + part)
         return h.hexdigest()
@@ -214,8 +266,7 @@ class Judge:
         for attempt in range(self.max_retries + 1):
             self._count("requests")
             try:
-                resp = self._client.chat.completions.create(model=self.model, messages=messages, temperature=0,
-                                                            max_tokens=self.max_tokens)
+                resp = self._client.chat.completions.create(model=self.model, messages=messages, **self.generation)
                 return resp.choices[0].message.content or ""
             except _RETRYABLE as err:
                 if attempt == self.max_retries:

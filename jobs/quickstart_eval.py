@@ -1,7 +1,7 @@
 """Stage 5 and 6 of the quickstart: evaluation through the serve app, and the report of the four effects.
 
 Best-of-N goes through the real HTTP service: one `/v1/images/edits` request per test pair with
-n = max(N) and return_candidates=true; the N curve then uses disjoint groups of those candidates
+best_of = max(N) candidates and return_candidates=true; the N curve then uses disjoint groups of those candidates
 (`dynboot.metrics.best_of_n_world`). Candidates are scored exactly by parsing their PNGs with the world's
 parser, so nothing here depends on the model family.
 """
@@ -35,10 +35,10 @@ def ablation_weighting(cfg) -> str:
     return "relative" if cfg.weighting == "none" else "none"
 
 
-def _request(client: httpx.Client, url: str, ex, n: int, seed: int, temperature: float) -> dict:
+def _request(client: httpx.Client, url: str, ex, best_of: int, seed: int, temperature: float) -> dict:
     for attempt in range(5):
         r = client.post(f"{url}/v1/images/edits", files={"image": ("before.png", encode_png(ex.before), "image/png")},
-                        data={"prompt": ex.action, "n": str(n), "response_format": "b64_json", "seed": str(seed),
+                        data={"prompt": ex.action, "best_of": str(best_of), "response_format": "b64_json", "seed": str(seed),
                               "temperature": str(temperature), "return_candidates": "true"})
         if r.status_code == 429:  # the queue is full: back off and retry
             time.sleep(0.5 * (attempt + 1))
@@ -54,7 +54,8 @@ def served_best_of_n(cfg, world: Path, idp: Path, fdp: Path, test, spec) -> tupl
     from serve.run_local import ServeConfig, start, stop
 
     m = max(cfg.ns)
-    scfg = ServeConfig(generator_path=str(fdp / "model"), verifier_path=str(idp / "model"), port=cfg.port, max_n=m, default_n=min(m, 4))
+    scfg = ServeConfig(generator_path=str(fdp / "model"), verifier_path=str(idp / "model"), port=cfg.port, max_best_of=m,
+                       default_best_of=min(m, 4), generator_batch={"max_rows": max(16, m)}, verifier_batch={"max_rows": max(32, m)})
     url = start(scfg)
     try:
         with httpx.Client(timeout=300) as client:

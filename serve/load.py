@@ -4,7 +4,8 @@
     python -m serve.load out=runs/serve_load         # no checkpoints given: untrained tiny ones (plumbing numbers)
 
 Starts its own local Ray cluster and app (loopback only, bounded in time and request count), then:
-  1. latency: `latency_requests` sequential best-of-N requests for each N in `ns` -> p50/p95 (client side)
+  1. latency: `latency_requests` sequential best-of-N requests (best_of = N, n = 1 image returned) for each N in
+     `ns` -> p50/p95 (client side)
      and the server's own generate/verify split; goal p50(N=8) <= 2 x p50(N=1);
   2. best-of-N load: `clients` concurrent clients for `load_s` -> status counts (goal: 0 5xx), latency;
   3. idle for `idle_s` (tiers scale back down);
@@ -47,10 +48,10 @@ class LoadConfig(ServeConfig):
     out: str = Field("runs/serve_load", description="Output directory (load.json; tiny checkpoints when none are given).")
     port: int = Field(0, ge=0, le=65535, description="HTTP port (0 = a free loopback port).")
     num_cpus: int = Field(4, ge=1, description="Logical CPUs of the local Ray cluster.")
-    ns: list[int] = Field([1, 4, 8], description="N values of the latency phase.")
+    ns: list[int] = Field([1, 4, 8], description="N values (best_of: candidates sampled and verified) of the latency phase.")
     latency_requests: int = Field(30, ge=3, description="Sequential requests per N (after 3 warm-up requests).")
     clients: int = Field(8, ge=1, description="Concurrent clients in the load phases.")
-    load_n: int = Field(8, ge=1, description="N of the best-of-N load phase.")
+    load_n: int = Field(8, ge=1, description="N (best_of) of the best-of-N load phase.")
     load_s: float = Field(75.0, gt=0, le=600, description="Seconds of best-of-N load.")
     actions_s: float = Field(60.0, ge=0, le=600, description="Seconds of verifier-only (/v1/actions) load.")
     idle_s: float = Field(45.0, ge=0, le=600, description="Seconds of idle after each load phase.")
@@ -132,7 +133,7 @@ def post(client, url: str, pair: tuple[bytes, bytes, str], n: int | None) -> tup
         r = client.post(f"{url}/v1/actions", files={"before": ("a.png", before), "after": ("b.png", after)})
     else:
         r = client.post(f"{url}/v1/images/edits", files={"image": ("a.png", before, "image/png")},
-                        data={"prompt": action, "n": str(n)})
+                        data={"prompt": action, "best_of": str(n)})
     body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
     return r.status_code, time.perf_counter() - t, body
 

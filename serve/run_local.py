@@ -1,18 +1,21 @@
 """`dynboot serve`: start the best-of-N Serve app on a local Ray cluster (or an existing one) and wait.
 
     dynboot serve generator_path=runs/quickstart/fdp/checkpoint verifier_path=runs/quickstart/idp/checkpoint
-    dynboot serve my_serve.yaml port=8001 max_n=8 generator.autoscaling.max_replicas=4
+    dynboot serve my_serve.yaml port=8001 max_best_of=8 generator.autoscaling.max_replicas=4
     python -m serve.run_local generator_path=... verifier_path=...          # the same program
 
 On a cluster use the Serve config instead: `serve run serve/config.yaml` (local) or
 `serve deploy serve/config.yaml -a http://<head>:8265` (needs the dashboard; see serve/config.yaml).
 
 Set DYNBOOT_API_TOKEN (or the env var named by `api_token_env`) to require `Authorization: Bearer <token>`.
-Ctrl-C or SIGTERM deletes the app and stops the Ray cluster this command started (never anyone else's).
+Without it the command refuses `host=` beyond loopback (unless allow_unauthenticated=true) and, on loopback,
+serves loopback clients only. Ctrl-C or SIGTERM deletes the app and stops the Ray cluster this command started
+(never anyone else's).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -20,6 +23,7 @@ import threading
 from pydantic import Field
 
 from dynboot.cli import job_main
+from serve.auth import UnsafeExposure, check_exposure
 from serve.schemas import AppArgs
 
 
@@ -38,6 +42,10 @@ class ServeConfig(AppArgs):
     def app_args(self) -> dict:
         return self.model_dump(mode="json", include=set(AppArgs.model_fields))
 
+    def check_exposure(self) -> None:
+        """The ingress replicas refuse an exposed unauthenticated API; say so before anything starts."""
+        check_exposure(self.host, bool(os.environ.get(self.api_token_env, "").strip()), self)
+
 
 def start(cfg: ServeConfig) -> str:
     """Start Ray (unless joined) + Serve, deploy the app, return its URL once every tier is up."""
@@ -46,13 +54,14 @@ def start(cfg: ServeConfig) -> str:
 
     from serve.app import build_app
 
+    cfg.check_exposure()
     app = build_app(cfg.app_args())  # checks the checkpoints before anything starts
     if not ray.is_initialized():
         if cfg.ray_address:
             ray.init(address=cfg.ray_address)
         else:
             ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.proxy_timeout_s()})
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
@@ -74,7 +83,8 @@ def stop(cfg: ServeConfig) -> None:
 def run(cfg: ServeConfig) -> None:
     try:
         cfg.check_paths()
-    except ValueError as err:
+        cfg.check_exposure()
+    except (ValueError, UnsafeExposure) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     done = threading.Event()

@@ -3,19 +3,19 @@
     AppArgs.model_validate(args)            # the `args:` of serve/config.yaml, or ServeConfig's app fields
     args.generator.serve_options()          # -> Deployment.options(**...) for one tier
 
-Each tier (generator = FDP, verifier = IDP, ingress) carries its own replicas, autoscaling, resources
-and queue limits, so changing one scales that tier alone. In `serve/config.yaml` the same numbers sit in
-the Serve-native `deployments:` section (which overrides what the builder sets); a test keeps the two
-equal.
+Each tier (generator = FDP, verifier = IDP, ingress) carries its own replicas, autoscaling, resources,
+queue limits, health checks and shutdown grace, so changing one scales that tier alone. In
+`serve/config.yaml` the same numbers sit in the Serve-native `deployments:` section (which overrides what
+the builder sets); a test keeps the two equal.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from dynboot import storage
 from dynboot.config import Config
 
 GENERATOR, VERIFIER, INGRESS = "Generator", "Verifier", "BestOfNIngress"
@@ -41,15 +41,21 @@ class Autoscaling(Config):
 
 
 class DeploymentOptions(Config):
-    """Resources, queue limits and autoscaling of one tier."""
+    """Resources, queue limits, autoscaling, health checks and shutdown grace of one tier."""
 
     num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica (fractional on small boxes).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 for a 7B model on a GPU node).")
-    max_ongoing_requests: int = Field(8, ge=1, description=(
-        "Requests in flight per replica; >= the tier's max_batch_size so batches can fill."))
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests in flight per replica.")
     max_queued_requests: int = Field(32, ge=-1, description=(
         "Requests queued per caller before new ones get 429 (-1 = unbounded)."))
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After header (seconds) sent with a 429.")
+    health_check_period_s: float = Field(10.0, gt=0, description=(
+        "How often Serve calls the replica's check_health (a tiny forward on model tiers)."))
+    health_check_timeout_s: float = Field(30.0, gt=0, description=(
+        "A health check taking longer fails; failed replicas are replaced."))
+    graceful_shutdown_timeout_s: float | None = Field(None, gt=0, description=(
+        "How long a stopping replica may finish its requests; must exceed the longest request. Unset: "
+        "request_deadline_s + body_timeout_s + 30 s (AppArgs fills it in and checks a value given)."))
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
 
     def serve_options(self) -> dict:
@@ -61,16 +67,34 @@ class DeploymentOptions(Config):
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "backpressure_config": {"status_code": 429, "retry_after_s": self.retry_after_s},
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "autoscaling_config": self.autoscaling.model_dump(),
             "ray_actor_options": actor,
         }
 
 
 class BatchOptions(Config):
-    """`@serve.batch` settings of one model tier."""
+    """`@serve.batch` settings of one model tier, counted in rows (candidates), not requests."""
 
-    max_batch_size: int = Field(8, ge=1, description="Most requests merged into one model call.")
+    max_rows: int = Field(16, ge=1, description=(
+        "Most rows in one model call: sampled candidates (generator), scored candidates or captioned pairs "
+        "(verifier). Requests wait in the replica's batch queue until their rows fit; one request's rows "
+        "(its best_of) must fit alone."))
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a partial batch waits for more requests.")
+
+
+class FaultInjection(Config):
+    """Test only: faults a model tier injects into its own model calls. Set through the app's args (the deploy
+    config), never by a request, so no HTTP client can reach them. Defaults inject nothing."""
+
+    device_error_on_call: int = Field(0, ge=0, description=(
+        "Raise a CUDA-style RuntimeError on this model call of each replica (1-based; 0 = never), as a broken "
+        "CUDA context would: the replica must fail its health check and be replaced."))
+    delay_s: float = Field(0.0, ge=0, le=60, description=(
+        "Sleep before each model call (a slow forward), then skip the call if every request in it was "
+        "cancelled meanwhile."))
 
 
 # Each tier's defaults; a partial override (`verifier.num_cpus=1`, or `verifier: {num_cpus: 1}` in args) is
@@ -82,8 +106,8 @@ TIER_DEFAULTS: dict[str, dict] = {
                  "autoscaling": {"target_ongoing_requests": 4.0}},
     "ingress": {"num_cpus": 0.25, "max_ongoing_requests": 64, "max_queued_requests": 256,
                 "autoscaling": {"target_ongoing_requests": 16.0}},
-    "generator_batch": {"max_batch_size": 8},
-    "verifier_batch": {"max_batch_size": 16},
+    "generator_batch": {"max_rows": 16},
+    "verifier_batch": {"max_rows": 32},
 }
 
 
@@ -100,33 +124,48 @@ def _tier_help(name: str) -> str:
 
 
 class AppArgs(Config):
-    """Arguments of `serve.app:build_app`: checkpoints, request limits, auth, and each tier's settings."""
+    """Arguments of `serve.app:build_app`: checkpoints, request limits, auth, deadlines and each tier's settings."""
 
     generator_path: str = Field("", description=(
-        "FDP checkpoint directory (Hugging Face layout, read by dynboot.models.registry.load_model)."))
+        "FDP checkpoint directory (Hugging Face layout + dynboot.json), local or a URI (s3://, gs://, file://: "
+        "fetched once per node into a local cache)."))
     verifier_path: str = Field("", description=(
-        "IDP checkpoint directory (the verifier; may be the same checkpoint as the generator)."))
+        "IDP checkpoint directory or URI (the verifier; may be the same checkpoint as the generator)."))
     model_name: str = Field("dynboot-best-of-n", description="Model id reported by /v1/models and in responses.")
-    max_n: int = Field(16, ge=1, le=256, description="Largest n (candidates per request) accepted.")
-    default_n: int = Field(4, ge=1, description="n when the request does not give one.")
+    max_best_of: int = Field(16, ge=1, le=256, description=(
+        "Most candidates one request may have sampled (`best_of`); `n`, the images returned, is at most best_of."))
+    default_best_of: int = Field(4, ge=1, description=(
+        "Candidates sampled when a request gives no best_of (raised to the request's n when n is larger)."))
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024, description=(
         "Largest encoded image accepted (bytes); bodies are capped at 2x this + 64 KiB."))
     max_image_pixels: int = Field(2048 * 2048, ge=1, description="Largest width x height accepted (checked before decoding).")
     image_formats: list[str] = Field(["PNG", "JPEG", "WEBP"], description="Accepted encodings (PIL format names).")
-    max_prompt_chars: int = Field(1000, ge=1, description="Longest action text accepted.")
+    max_prompt_tokens: int = Field(256, ge=1, description=(
+        "Longest prompt (action) accepted, in tokens of the model's own text tokenizer; a model tier lowers it "
+        "further when its context cannot hold the prompt beside two images."))
     api_token_env: str = Field("DYNBOOT_API_TOKEN", description=(
-        "Env var holding the bearer token; when set and non-empty in the process that builds the app, "
-        "/v1/* requires `Authorization: Bearer <token>`."))
+        "Env var holding the bearer token, read by each ingress replica where it runs: /v1/* then requires "
+        "`Authorization: Bearer <token>`. Without a token the ingress refuses to start when Serve's HTTP "
+        "proxy listens beyond loopback (unless allow_unauthenticated) and serves loopback clients only."))
+    allow_unauthenticated: bool = Field(False, description=(
+        "Serve /v1/* without a token even when listening beyond loopback (an explicit opt-out; off by default)."))
+    openapi: bool = Field(False, description=(
+        "Serve the OpenAPI schema at /openapi.json (behind the same bearer token as /v1/*). No /docs page."))
     candidate_transport: Literal["auto", "codes", "png"] = Field("auto", description=(
         "How candidates reach the verifier: image codes (compact; needs both models on one tokenizer), "
         "PNG bytes, or auto (codes when the tokenizers match)."))
     replica_retries: int = Field(2, ge=0, description=(
-        "Times the ingress retries a model call whose replica died mid-request (sampling is idempotent)."))
-    request_timeout_s: float = Field(120.0, gt=0, description="Longest a model call may take before the request gets 504.")
+        "Times the ingress retries a model call whose replica died or turned unhealthy mid-request "
+        "(sampling and scoring are idempotent)."))
+    request_deadline_s: float = Field(120.0, gt=0, description=(
+        "End-to-end deadline of one request (body read, generation, verification); past it the client gets "
+        "504 and the request's model work is cancelled."))
+    body_timeout_s: float = Field(30.0, gt=0, description=(
+        "Longest the ingress waits for a request body (slow clients get 408 and free their slot)."))
     generator_batch: BatchOptions = Field(
         default_factory=lambda: BatchOptions(**TIER_DEFAULTS["generator_batch"]),
-        description="@serve.batch of the generator (seedless requests with equal n/temperature/top_k share one "
-                    "sample call)." + _tier_help("generator_batch"))
+        description="@serve.batch of the generator (seedless requests with equal best_of/temperature/top_k share "
+                    "one sample call)." + _tier_help("generator_batch"))
     verifier_batch: BatchOptions = Field(
         default_factory=lambda: BatchOptions(**TIER_DEFAULTS["verifier_batch"]),
         description="@serve.batch of the verifier (scoring calls of concurrent requests share one forward "
@@ -138,6 +177,8 @@ class AppArgs(Config):
     ingress: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions.model_validate(TIER_DEFAULTS["ingress"]),
         description="HTTP ingress tier (parsing, validation, best-of-N orchestration)." + _tier_help("ingress"))
+    generator_faults: FaultInjection = Field(default_factory=FaultInjection, description="Test only: see FaultInjection.")
+    verifier_faults: FaultInjection = Field(default_factory=FaultInjection, description="Test only: see FaultInjection.")
 
     @model_validator(mode="before")
     @classmethod
@@ -149,20 +190,38 @@ class AppArgs(Config):
 
     @model_validator(mode="after")
     def _consistent(self) -> "AppArgs":
-        if self.default_n > self.max_n:
-            raise ValueError(f"default_n ({self.default_n}) > max_n ({self.max_n})")
+        if self.default_best_of > self.max_best_of:
+            raise ValueError(f"default_best_of ({self.default_best_of}) > max_best_of ({self.max_best_of})")
         for tier, batch in (("generator", self.generator_batch), ("verifier", self.verifier_batch)):
-            ongoing = getattr(self, tier).max_ongoing_requests
-            if ongoing < batch.max_batch_size:
-                raise ValueError(f"{tier}.max_ongoing_requests ({ongoing}) < {tier}_batch.max_batch_size "
-                                 f"({batch.max_batch_size}): batches could never fill")
+            if batch.max_rows < self.max_best_of:  # else Serve fails such a request: it fits no batch
+                raise ValueError(f"{tier}_batch.max_rows ({batch.max_rows}) < max_best_of ({self.max_best_of}): "
+                                 "a request with best_of = max_best_of would fit no batch")
+        longest = self.request_deadline_s + self.body_timeout_s
+        for tier in ("generator", "verifier", "ingress"):
+            options = getattr(self, tier)
+            if options.graceful_shutdown_timeout_s is None:
+                options.graceful_shutdown_timeout_s = longest + 30.0
+            grace = options.graceful_shutdown_timeout_s
+            if grace <= longest:
+                raise ValueError(f"{tier}.graceful_shutdown_timeout_s ({grace}) must exceed the longest request "
+                                 f"(request_deadline_s + body_timeout_s = {longest}): a stopping replica would "
+                                 "cut requests short")
         return self
 
+    def proxy_timeout_s(self) -> float:
+        """Serve's HTTP proxy `request_timeout_s`: a backstop behind the ingress's own deadline (which answers
+        first, in the API's error shape)."""
+        return self.request_deadline_s + self.body_timeout_s + 30.0
+
     def check_paths(self) -> None:
-        """Name a missing checkpoint before any replica starts."""
+        """Name a missing checkpoint (a local directory or a URI) before any replica starts."""
         for key in ("generator_path", "verifier_path"):
             value = getattr(self, key)
             if not value:
-                raise ValueError(f"{key} is not set: pass {key}=DIR (a dynboot checkpoint directory)")
-            if not (Path(value) / "dynboot.json").is_file():
+                raise ValueError(f"{key} is not set: pass {key}=DIR or a URI (a dynboot checkpoint directory)")
+            try:
+                found = storage.is_file(storage.join(value, "dynboot.json"))
+            except OSError as err:  # unreachable bucket, no credentials, ...
+                raise ValueError(f"{key}={value!r} cannot be read: {type(err).__name__}: {err}") from None
+            if not found:
                 raise ValueError(f"{key}={value!r} is not a dynboot checkpoint directory (no dynboot.json)")

@@ -4,16 +4,17 @@ JSON body naming the problem) before anything reaches a model replica.
     {"error": {"message": "n must be between 1 and 16, got 100", "type": "invalid_request_error",
                "param": "n", "code": "n_out_of_range"}}
 
-Order of checks: bearer token -> declared body size -> streamed body size -> multipart form -> fields ->
-image bytes -> image header (format, pixels) -> full decode. Images are checked from their header before
-they are decoded, so a small file that claims a huge canvas is refused without allocating it.
+Order of checks: bearer token (serve/auth.py) -> declared body size -> streamed body size and body deadline ->
+multipart form -> fields -> image bytes -> image header (format, pixels) -> full decode. Images are checked from
+their header before they are decoded, so a small file that claims a huge canvas is refused without allocating
+it. Prompt lengths are counted in tokens by the model tiers, which own the tokenizers (serve/tiers.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import asyncio
 import io
+import logging
 import math
 from dataclasses import dataclass
 
@@ -30,16 +31,29 @@ from starlette.responses import JSONResponse
 from dynboot.images import decode_image
 from serve.schemas import AppArgs
 
-# /v1/images/edits: what the openai client may send (accepted; those without meaning here are ignored), plus
-# dynboot's sampling fields; and what it may send that best-of-N cannot honour (refused by name).
-EDIT_FIELDS = {"image", "image[]", "prompt", "n", "response_format", "model", "size", "quality", "user",
-               "background", "input_fidelity", "output_format", "output_compression", "safety_identifier",
-               "stream", "temperature", "top_k", "seed", "return_candidates"}
-EDIT_UNSUPPORTED = {"mask": "best-of-N edits the whole image; masks are not supported",
-                    "markup": "markup images are not supported", "partial_images": "streaming is not supported"}
+log = logging.getLogger("ray.serve")
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
-         415: "unsupported_media_type", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+# /v1/images/edits: what the openai client may send, plus dynboot's extension fields (best_of and sampling);
+# and what it may send that best-of-N cannot honour (refused by name). Of the accepted OpenAI fields, only
+# `user` and `safety_identifier` (caller metadata) are accepted without meaning here; every other one is
+# honoured or refused with the values allowed (serve/app.py).
+EDIT_FIELDS = {"image", "image[]", "prompt", "n", "best_of", "response_format", "model", "size", "quality", "user",
+               "background", "output_format", "safety_identifier", "stream", "temperature", "top_k", "seed",
+               "return_candidates"}
+EDIT_UNSUPPORTED = {"mask": "best-of-N edits the whole image; masks are not supported",
+                    "markup": "markup images are not supported", "partial_images": "streaming is not supported",
+                    "output_compression": "images are returned as lossless PNG",
+                    "input_fidelity": "the generator has no input-fidelity setting"}
+ACTION_FIELDS = {"before", "after", "action", "model"}
+# OpenAI options this server can honour only with these values (anything else: 400 naming them); `size` is
+# checked against the model's own side at request time.
+CHOICES = {"response_format": ["b64_json"], "output_format": ["png"], "quality": ["auto"], "background": ["auto", "opaque"]}
+# dynboot's sampling fields: (type, lowest, highest, default).
+SAMPLING = {"temperature": (float, 0.0, 10.0, 1.0), "top_k": (int, 0, 1_000_000, 0), "seed": (int, 0, 2**31 - 1, None)}
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+         408: "timeout", 413: "request_too_large", 415: "unsupported_media_type", 422: "invalid_request_error",
+         429: "rate_limit_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
 
 class ApiError(Exception):
@@ -50,6 +64,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
+    def __reduce__(self):  # raised inside a model tier, it crosses to the ingress whole (Exception pickles args only)
+        return ApiError, (self.status, self.message, self.param, self.code, self.headers)
+
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": TYPES.get(self.status, "api_error"), "param": self.param,
                           "code": self.code}}
@@ -57,41 +74,32 @@ class ApiError(Exception):
 
 
 def install_error_handlers(api: FastAPI) -> None:
-    """Every error the app returns, its own or FastAPI's (404, 405, validation), has the same JSON shape."""
+    """Every error the app returns, its own, FastAPI's (404, 405, validation) or an unexpected exception (500),
+    has the same JSON shape; a 500 names no internals (they go to the replica's log)."""
 
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
         return err.response()
 
     async def http_error(_: Request, err: HTTPException) -> JSONResponse:
-        return ApiError(err.status_code, str(err.detail), code="http_error").response()
+        return ApiError(err.status_code, str(err.detail), code="http_error", headers=getattr(err, "headers", None)).response()
 
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-        return ApiError(400, f"invalid request: {err.errors()}", code="invalid_request").response()
+        where = ", ".join(".".join(map(str, e.get("loc", ()))) for e in err.errors())
+        return ApiError(400, f"invalid request: {where or 'malformed input'}", code="invalid_request").response()
+
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s: %s", request.method, request.url.path, type(err).__name__, exc_info=err)
+        return ApiError(500, "internal server error", code="internal_error").response()
 
     api.add_exception_handler(ApiError, api_error)
     api.add_exception_handler(HTTPException, http_error)
     api.add_exception_handler(RequestValidationError, validation_error)
+    api.add_exception_handler(Exception, unexpected)
 
 
-def token_digest(token: str) -> str:
-    """What the ingress keeps of the API token (so the token itself never sits in deployment arguments)."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def check_auth(request: Request, digest: str | None) -> None:
-    if digest is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'", code="missing_token",
-                       headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(token_digest(token.strip()), digest):
-        raise ApiError(401, "invalid bearer token", code="invalid_token", headers={"WWW-Authenticate": "Bearer"})
-
-
-async def read_form(request: Request, max_body: int, max_fields: int = 32) -> FormData:
-    """The multipart body, read with a hard cap (chunked bodies without Content-Length included)."""
+async def read_form(request: Request, max_body: int, timeout_s: float, max_fields: int = 32) -> FormData:
+    """The multipart body, read with a hard cap (chunked bodies without Content-Length included) and a
+    deadline: a client that sends its body too slowly gets 408 and frees its ingress slot."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise ApiError(415, f"expected a multipart/form-data body, got content-type {ctype or 'none'!r}",
@@ -101,11 +109,15 @@ async def read_form(request: Request, max_body: int, max_fields: int = 32) -> Fo
         raise ApiError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_body} bytes",
                        code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body:
-            raise ApiError(413, f"request body exceeds the limit of {max_body} bytes", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    raise ApiError(413, f"request body exceeds the limit of {max_body} bytes", code="body_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout") from None
     body = b"".join(chunks)
 
     async def replay() -> dict:
@@ -127,7 +139,9 @@ def reject_unknown(form: FormData, accepted: set[str], unsupported: dict[str, st
                            code="unknown_field")
 
 
-def text_field(form: FormData, key: str, required: bool = False, max_chars: int = 1000) -> str | None:
+def text_field(form: FormData, key: str, required: bool = False) -> str | None:
+    """One text value (stripped); a multipart text part is at most 64 KiB (read_form), and prompt lengths are
+    checked in tokens by the model tiers."""
     values = form.getlist(key)
     if not values:
         if required:
@@ -138,9 +152,17 @@ def text_field(form: FormData, key: str, required: bool = False, max_chars: int 
     value = values[0].strip()
     if required and not value:
         raise ApiError(400, f"field {key!r} must not be empty", param=key, code="empty_field")
-    if len(value) > max_chars:
-        raise ApiError(400, f"field {key!r} is {len(value)} characters; the limit is {max_chars}", param=key,
-                       code="field_too_long")
+    return value
+
+
+def choice_field(form: FormData, key: str, allowed: list[str], default: str | None = None) -> str | None:
+    """A text value that must be one of `allowed` (so an option the server cannot honour is refused, never ignored)."""
+    value = text_field(form, key)
+    if value is None or value == "":
+        return default
+    if value not in allowed:
+        raise ApiError(400, f"{key} {value!r} is not supported; allowed: {', '.join(allowed)}", param=key,
+                       code=f"unsupported_{key}")
     return value
 
 

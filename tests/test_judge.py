@@ -1,9 +1,11 @@
 """The LLM judge against a real OpenAI-compatible HTTP server on loopback (tests/openai_stub_server.py):
-valid, malformed, 429-then-success and 5xx replies, the reply cache, and the API key staying secret.
+valid, malformed, 429-then-success and 5xx replies, the reply cache (what it keys on, what it does not keep),
+which key goes to which base URL, and the API key staying secret.
 
     python -m pytest -q tests/test_judge.py
 """
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynboot.judge import Judge, JudgeError, as_png, judge_prompt, parse_scores
+from dynboot.judge import JUDGE_KEY_ENV, Judge, JudgeError, as_png, judge_api_key, judge_prompt, parse_scores
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_stub_server import StubJudgeServer  # noqa: E402
@@ -80,16 +82,22 @@ def test_judge_against_local_server(tmp_path, monkeypatch, caplog):
         assert judge.stats["retries"] == 4 and judge.stats["failed"] == 1 and judge.stats["unparsable"] == 1
         judge.close()
 
-        # a rerun with a fresh judge on the same cache: every reply that came back costs nothing;
-        # only the call that failed is asked again
+        # a rerun with a fresh judge on the same cache: every reply that parsed costs nothing; the unparsable
+        # one (recorded, not reused) and the call that failed are asked again
         before = server.count()
         again = Judge("stub-judge", base_url=server.base_url, api_key_env="DYNBOOT_TEST_JUDGE_KEY", cache_path=cache,
                       max_retries=0, backoff_s=0.01)
-        res2 = again.score_many(items[:5] + items[6:])
+        parsed = [0, 1, 3, 4, 6]
+        res2 = again.score_many([items[i] for i in parsed])
         assert server.count() == before and again.stats["requests"] == 0
-        assert [r.score for r in res2] == [r.score for r in res[:5] + res[6:]] and all(r.cached for r in res2)
+        assert [r.score for r in res2] == [res[i].score for i in parsed] and all(r.cached for r in res2)
+        assert again.score(*items[2]).error == "unparsable reply" and server.count() == before + 1
+        assert again.score(*items[2]).error == "unparsable reply" and server.count() == before + 2  # not kept in memory either
         again.score_many([items[5]])
-        assert server.count() == before + 1
+        assert server.count() == before + 3
+        rows = [json.loads(line) for line in cache.read_text().splitlines()]
+        assert {r["parsed"] for r in rows if "[malformed]" in r["instruction"]} == {False}
+        assert all(r["base_url"] == server.base_url.rstrip("/") and r["generation"]["temperature"] == 0 for r in rows)
 
         # another model name is another cache key
         other = Judge("stub-judge-2", base_url=server.base_url, api_key_env="DYNBOOT_TEST_JUDGE_KEY", cache_path=cache,
@@ -118,3 +126,43 @@ def test_missing_key_for_hosted_endpoint_is_a_clear_error(monkeypatch):
         Judge("gpt-4o-2024-11-20", api_key_env="DYNBOOT_NO_SUCH_KEY")
     # a local server needs no key
     Judge("local", base_url="http://127.0.0.1:9/v1", api_key_env="DYNBOOT_NO_SUCH_KEY").close()
+
+
+def test_cache_key_covers_base_url_model_and_every_generation_parameter(monkeypatch):
+    monkeypatch.setenv("DYNBOOT_TEST_JUDGE_KEY", SECRET)
+    a, b = as_png(_img(0)), as_png(_img(1))
+
+    def key(**kw):
+        args = {"model": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "DYNBOOT_TEST_JUDGE_KEY"} | kw
+        return Judge(**args).cache_key(a, b, "move it")
+
+    base = key()
+    assert key() == base
+    assert len({base, key(base_url="http://127.0.0.1:10/v1"), key(model="m2"), key(max_tokens=64)}) == 4
+    assert key(timeout_s=5, concurrency=1) == base  # transport settings do not change the reply
+
+
+def test_general_openai_key_goes_only_to_openai_https_or_loopback(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv(JUDGE_KEY_ENV, raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    assert judge_api_key("https://api.openai.com/v1") == SECRET
+    assert judge_api_key("https://judge.example.org/v1") == SECRET
+    assert judge_api_key("http://127.0.0.1:8011/v1") == SECRET and judge_api_key("http://localhost:8011/v1") == SECRET
+    with pytest.raises(JudgeError, match="refusing to send OPENAI_API_KEY to http://10.1.2.3:8000/v1"):
+        Judge("qwen", base_url="http://10.1.2.3:8000/v1")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://judge.example.org/v1")  # the client would read it: so do we
+    with pytest.raises(JudgeError, match=JUDGE_KEY_ENV):
+        Judge("gpt-4o-2024-11-20")
+    monkeypatch.setenv(JUDGE_KEY_ENV, "sk-judge-only-key")  # a judge-specific key may go to the judge's server
+    assert Judge("qwen", base_url="http://10.1.2.3:8000/v1")._client.api_key == "sk-judge-only-key"
+    monkeypatch.setenv("DYNBOOT_TEST_OTHER_KEY", "sk-named")
+    assert judge_api_key("http://10.1.2.3:8000/v1", "DYNBOOT_TEST_OTHER_KEY") == "sk-named"
+
+
+def test_general_key_reaches_a_loopback_judge(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv(JUDGE_KEY_ENV, raising=False)
+    with StubJudgeServer(api_key=SECRET) as server:  # the stub answers 401 unless it receives exactly SECRET
+        judge = Judge("stub-judge", base_url=server.base_url, max_retries=0)
+        assert judge.score(_img(0), _img(1), "anything").error is None and server.count(200) == 1
