@@ -2,6 +2,7 @@
 
 Every job config carries `backend=` and `model_path=`; `load_model(path)` reads the backend name from
 the checkpoint's dynboot.json when `backend` is not given. Checkpoints are local directories only.
+`policy_of_checkpoint(path)` gives a checkpoint's image policy without loading it.
 """
 
 from __future__ import annotations
@@ -32,11 +33,38 @@ def backend_class(name: str) -> type[UnifiedModel]:
     return getattr(importlib.import_module(module), cls)
 
 
-def checkpoint_backend(path: str | Path) -> str:
+def checkpoint_description(path: str | Path) -> dict:
+    """dynboot.json of a checkpoint directory, or {} for a checkpoint as released (no dynboot.json)."""
     meta = Path(path) / "dynboot.json"
-    if not meta.is_file():
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def read_description(path: str | Path) -> dict:
+    """dynboot.json of a checkpoint written by dynboot (an error naming the directory if there is none)."""
+    desc = checkpoint_description(path)
+    if not desc:
+        raise FileNotFoundError(f"{path} has no dynboot.json: not a dynboot checkpoint directory")
+    return desc
+
+
+def checkpoint_backend(path: str | Path) -> str:
+    desc = checkpoint_description(path)
+    if "backend" not in desc:
         raise FileNotFoundError(f"{path}: no dynboot.json; pass backend= explicitly or point at a dynboot checkpoint")
-    return json.loads(meta.read_text())["backend"]
+    return desc["backend"]
+
+
+def policy_of_checkpoint(path: str | Path, backend: str | None = None):
+    """The image policy of a checkpoint, read from its files without loading any weights (for CPU decode tasks
+    that must prepare images exactly as the model will): dynboot.json's `image_policy`, else the default of the
+    backend (`backend=`, required for a checkpoint as released) at the image size its config files give."""
+    from dynboot.models.image_policy import ImagePolicy
+
+    desc = checkpoint_description(path)
+    if "image_policy" in desc:
+        return ImagePolicy.from_dict(desc["image_policy"])
+    name = backend or checkpoint_backend(path)
+    return backend_class(name).default_policy(Path(path))
 
 
 def load_model(path: str | Path, backend: str | None = None, device: str = "cpu", **kwargs) -> UnifiedModel:
