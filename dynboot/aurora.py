@@ -7,14 +7,13 @@ image paths are relative to the JSON file's directory (as in the AURORA / Aurora
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from dynboot.images import encode_png
 from dynboot.rundir import atomic_write_bytes, write_json
 
 
@@ -25,25 +24,6 @@ class AuroraRecord:
     output: str | None  # absent for benchmark subsets without targets
     instruction: str
     task: str
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 [H, W, 3]; raises ValueError on anything undecodable."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as err:
-        raise ValueError(f"not a decodable image: {type(err).__name__}: {err}") from None
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    return decode_image(Path(path).read_bytes())
 
 
 def write_aurora(json_path: str | Path, pairs: list[tuple[np.ndarray, np.ndarray, str]], task: str) -> Path:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -30,6 +30,9 @@ class Config(BaseModel):
     """Base of every command's config: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # Operational fields a rerun may change without starting a different run (cluster address, actor counts,
+    # progress interval...); any other difference from the recorded config.yaml stops a rerun (dynboot.rundir).
+    rerun_may_change: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def help(cls) -> str:
@@ -122,9 +125,10 @@ def load_config(cls: type[C], args: list[str] | None = None) -> C:
     return build_config(cls, _merge(data, parse_overrides(args)))
 
 
-def save_config(cfg: Config, run_dir: str | Path) -> Path:
-    """Write the resolved config as `config.yaml` in the run directory."""
-    path = Path(run_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+def save_config(cfg: Config, run_dir: str | Path) -> str:
+    """Write the resolved config as `config.yaml` in the run directory (a local path or a URI)."""
+    from dynboot import storage
+
+    path = storage.join(str(run_dir), "config.yaml")
+    storage.write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return path

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import openai
 
-from dynboot.aurora import decode_image, encode_png
+from dynboot.images import decode_image, encode_png
 
 __all__ = ["Judge", "JudgeError", "JudgeResult", "PROMPT_VERSION", "judge_prompt", "parse_scores", "as_png"]
 

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from dynboot.aurora import encode_png
+from dynboot.images import encode_png
 from dynboot.config import Config
 from dynboot.video import VideoError, read_video
 

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dynboot.aurora import decode_image, encode_png, load_image, read_aurora
+from dynboot.aurora import read_aurora
+from dynboot.images import decode_image, encode_png, load_image
 
 if TYPE_CHECKING:  # imported where used: torch (via models.base) would slow every Ray worker that writes rows
     from dynboot.models.base import Example

@@ -204,7 +204,7 @@ def _aurora_sections(m: dict, ns: Sequence[int]) -> tuple[list[tuple[str, str]],
 
 
 def _grid_examples(rows: Sequence[dict], ns: Sequence[int], k: int) -> list[dict]:
-    from dynboot.aurora import decode_image
+    from dynboot.images import decode_image
     from dynboot.metrics import group_choices
 
     out = []

@@ -142,7 +142,7 @@ def _pairs(world: Path, image_size: int):
     """Every key-frame pair of the world's videos, decoded: the model-only input."""
     import numpy as np
 
-    from dynboot.aurora import decode_image
+    from dynboot.images import decode_image
     from dynboot.keyframes import KeyframeConfig, video_keyframes
 
     before, after = [], []

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from dynboot.aurora import decode_image, encode_png
+from dynboot.images import decode_image, encode_png
 from dynboot.metrics import best_of_n_world
 from dynboot.models.registry import load_model
 from dynboot.pairs import load_examples

@@ -139,7 +139,7 @@ class IDPLabeler:
     def _label(self, videos: list[dict[str, Any]]) -> None:
         import numpy as np
 
-        from dynboot.aurora import decode_image
+        from dynboot.images import decode_image
 
         before = [b for v in videos for b in v["before"]]
         after = [a for v in videos for a in v["after"]]

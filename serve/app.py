@@ -45,7 +45,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from dynboot.aurora import decode_image, encode_png
+from dynboot.images import decode_image, encode_png
 from dynboot.best_of_n import pick_best
 from dynboot.models.registry import load_model
 from serve.schemas import GENERATOR, INGRESS, VERIFIER, AppArgs

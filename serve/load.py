@@ -64,7 +64,7 @@ class LoadConfig(ServeConfig):
 
 def world_requests(count: int, seed: int = 0) -> list[tuple[bytes, bytes, str]]:
     """(before PNG, after PNG, action) triples from the embedded world."""
-    from dynboot.aurora import encode_png
+    from dynboot.images import encode_png
     from dynboot.world import WorldSpec, apply_action, random_scene, render
     from dynboot.world.actions import valid_actions
 

@@ -27,7 +27,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from dynboot.aurora import decode_image
+from dynboot.images import decode_image
 from serve.schemas import AppArgs
 
 # /v1/images/edits: what the openai client may send (accepted; those without meaning here are ignored), plus

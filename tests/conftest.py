@@ -12,6 +12,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on loopback for the whole session; AWS_* variables point at it."""
+    from s3_server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3_server, request) -> str:
+    """A fresh bucket per test: `s3://<name>`."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{id(request) % 10**6}"
+    return s3_server.bucket(name)
+
+
+@pytest.fixture(scope="session")
 def small_world(tmp_path_factory) -> Path:
     """A small embedded world: 200 gold pairs, 12 videos, 100 test pairs."""
     from dynboot.world.generate import WorldConfig, generate_world

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dynboot.aurora import decode_image, load_image, read_aurora
+from dynboot.aurora import read_aurora
+from dynboot.images import decode_image, load_image
 from dynboot.cli import job_main
 from dynboot.models.registry import load_model
 from dynboot.models.tiny import TinyWorldModel

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dynboot.aurora import decode_image, encode_png
+from dynboot.images import decode_image, encode_png
 from dynboot.keyframes import (KeyframeConfig, extract_keyframes, fit_square, motion_scores, select_peaks,
                                select_stills, video_keyframes)
 from dynboot.manifest import build_manifest, video_id_of

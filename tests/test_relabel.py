@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dynboot.aurora import decode_image
+from dynboot.images import decode_image
 from dynboot.pairs import PAIR_SCHEMA, make_row, read_pairs, to_table
 from dynboot.video import read_video, write_video
 from jobs.filter import FilterConfig, run as run_filter, stratified_top_k

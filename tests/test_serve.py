@@ -27,7 +27,7 @@ import torch
 import yaml
 from PIL import Image
 
-from dynboot.aurora import decode_image, encode_png
+from dynboot.images import decode_image, encode_png
 from dynboot.best_of_n import score_candidates
 from dynboot.models.registry import load_model
 from dynboot.models.tiny import TinyWorldModel

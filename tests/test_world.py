@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from dynboot.aurora import load_image, read_aurora
+from dynboot.aurora import read_aurora
+from dynboot.images import load_image
 from dynboot.video import read_video
 from dynboot.world import (ActionError, GridTokenizer, WorldSpec, apply_action, infer_action, parse, parse_action,
                            random_scene, render, valid_actions)

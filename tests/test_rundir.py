@@ -1,0 +1,91 @@
+"""The run-directory contract: one job per directory (a lock a crashed job cannot leave stuck), a rerun with a
+different config stops naming the fields, resume=force / off, metrics on local and object storage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from pydantic import Field
+
+from dynboot import storage
+from dynboot.config import Config
+from dynboot.rundir import ConfigChanged, RunDir, RunDirBusy, config_differences
+
+
+class JobConfig(Config):
+    steps: int = Field(10, description="steps")
+    lr: float = Field(0.1, description="lr")
+    progress_s: float = Field(5.0, description="operational")
+    resume: str = Field("auto", description="resume")
+    rerun_may_change = frozenset({"progress_s"})
+
+
+def test_lock_excludes_a_second_job_and_is_released(tmp_path):
+    with RunDir(tmp_path / "run").open(JobConfig()):
+        with pytest.raises(RunDirBusy, match=r"in use by pid \d+"):
+            RunDir(tmp_path / "run").open(JobConfig())
+    with RunDir(tmp_path / "run").open(JobConfig()) as rd:  # released on exit
+        rd.log(step=1)
+
+
+def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
+    run = tmp_path / "run"
+    code = ("import sys, time; from dynboot.rundir import RunDir; from dynboot.config import Config; "
+            f"rd = RunDir({str(run)!r}); rd.lock(); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirBusy, match=f"pid {proc.pid}"):
+            RunDir(run).lock()
+        os.kill(proc.pid, signal.SIGKILL)  # a crash: no cleanup code runs
+        proc.wait(10)
+        rd = RunDir(run)
+        rd.lock()
+        rd.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_rerun_with_a_different_config_names_the_fields(tmp_path):
+    with RunDir(tmp_path).open(JobConfig(steps=10, lr=0.1)):
+        pass
+    with RunDir(tmp_path).open(JobConfig(steps=10, lr=0.1, progress_s=1.0)):  # operational change: fine
+        pass
+    with pytest.raises(ConfigChanged, match=r"lr: 0.1 -> 0.2; steps: 10 -> 20.*resume=force"):
+        RunDir(tmp_path).open(JobConfig(steps=20, lr=0.2))
+    with RunDir(tmp_path).open(JobConfig(steps=20, lr=0.2), resume="force"):
+        pass
+    assert "steps: 20" in (tmp_path / "config.yaml").read_text()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with RunDir(tmp_path).open(JobConfig(steps=5), resume="off", set_aside=("checkpoints",)):
+        pass
+    assert list(tmp_path.glob("metrics.jsonl.old-*")) and not (tmp_path / "metrics.jsonl").exists()
+    assert config_differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}, "c": 2}) == {"a.b": (1, 2)}
+    assert config_differences({"a": {"b": 1}}, {"a": {"b": 2}}, frozenset({"a"})) == {}
+
+
+def test_object_storage_run_dir_lease_and_metrics(bucket):
+    out = f"{bucket}/runs/job one"
+    with RunDir(out).open(JobConfig()) as rd:
+        assert storage.exists(rd.uri("_lock.json"))
+        with pytest.raises(RunDirBusy, match="lease refreshed"):
+            RunDir(out).open(JobConfig())
+        for step in range(3):
+            rd.log(step=step)
+        rd.write_summary({"ok": True})
+    assert not storage.exists(f"{out}/_lock.json")
+    assert [r["step"] for r in RunDir(out).metrics()] == [0, 1, 2]
+    assert "steps: 10" in storage.read_text(f"{out}/config.yaml")
+    with pytest.raises(ConfigChanged, match="steps"):
+        RunDir(out).open(JobConfig(steps=11))
+    storage.write_text(f"{out}/_lock.json", '{"id": "dead", "owner": "a crashed job", "heartbeat": %f}'
+                       % (time.time() - 10_000))
+    with RunDir(out).open(JobConfig()):  # a stale lease is taken over
+        pass
