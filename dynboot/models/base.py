@@ -26,6 +26,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from dynboot.images import ImagePolicy
+
 Task = Literal["idp", "fdp"]
 Stage = Literal["score", "caption", "sample", "train_idp", "train_fdp"]  # what `token_cost` prices
 
@@ -36,7 +38,7 @@ class ImageTokenizer(Protocol):
     codebook_size: int  # number of codes
     tokens_per_image: int  # L
     image_size: int  # side of the square input the tokenizer works at
-    policy: object  # ImagePolicy: how an image of any size / mode becomes the [S, S, 3] input
+    policy: ImagePolicy  # how an image of any size / mode becomes the [S, S, 3] input (dynboot.images)
 
     def encode(self, images) -> torch.Tensor:
         """Images ([B, H, W, 3] uint8, or a list of any sizes / modes) -> [B, L] int64 codes."""

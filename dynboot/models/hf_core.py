@@ -26,9 +26,10 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from dynboot import storage
+from dynboot.images import ImagePolicy
 from dynboot.models.heads import ReadoutMixin, make_selective
 from dynboot.models.hf_parts import PromptText, known_options, language_model_projections, load_dtype, unwrap
-from dynboot.models.image_policy import ImagePolicy
 from dynboot.models.registry import checkpoint_description
 from dynboot.rundir import write_json
 
@@ -82,7 +83,7 @@ def base_dir(path: Path, desc: dict) -> Path:
     if (path / "config.json").is_file():
         return path
     if desc.get("base_model_path"):
-        return Path(desc["base_model_path"])
+        return storage.local_model_dir(desc["base_model_path"])
     raise FileNotFoundError(f"{path}: no config.json and no base_model_path in dynboot.json")
 
 
@@ -98,7 +99,7 @@ class HFBackend:
 
     OPTIONS: tuple[str, ...] = ("guidance_scale", "boi_token", "eoi_token", "max_tokens")
     LAYERS_PREFIX = "model.layers."
-    base_path: Path | None = None  # the directory the base weights were loaded from (None: built in memory)
+    base_path: str | None = None  # where the base weights were loaded from, a directory or URI (None: built in memory)
 
     # ---- per family ----------------------------------------------------------------------------------------
     @classmethod
@@ -122,7 +123,7 @@ class HFBackend:
 
     def describe(self) -> dict:
         return {"backend": self.backend, "prompts": vars(self.prompts), "options": self.options(),
-                "image_policy": self.tokenizer.policy.to_dict()}
+                "image_policy": self.tokenizer.policy.model_dump(mode="json")}
 
     def save(self, path: str | Path, include_base: bool | None = None, base_model_path: str | None = None,
              merged: bool = False, dtype: str | torch.dtype | None = None) -> Path:
@@ -157,7 +158,7 @@ class HFBackend:
                 base = base_model_path or self.base_path
                 if not base:
                     raise ValueError("include_base=False needs base_model_path (the directory holding the base weights)")
-                desc["base_model_path"] = str(Path(base).resolve())
+                desc["base_model_path"] = str(base) if storage.is_uri(str(base)) else str(Path(base).resolve())
             net.save_pretrained(path / ADAPTER_DIR)
         self.text_tokenizer.save_pretrained(path)
         self._save_image_tokenizer(path)
@@ -166,9 +167,9 @@ class HFBackend:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None,
-             trainable_adapter: bool = False, **overrides: object) -> "HFBackend":
-        """A local checkpoint directory (dynboot's, or a released one); `overrides` may set any of `OPTIONS` and
-        the family's load keywords (e.g. `vqgan_path=`)."""
+             trainable_adapter: bool = False, origin: str | None = None, **overrides: object) -> "HFBackend":
+        """A local checkpoint directory (dynboot's, or a released one; `origin`: the URI it was fetched from);
+        `overrides` may set any of `OPTIONS` and the family's load keywords (e.g. `vqgan_path=`)."""
         path = Path(path)
         desc = checkpoint_description(path)
         root = base_dir(path, desc)
@@ -178,10 +179,10 @@ class HFBackend:
         tok_dir = path if (path / "tokenizer_config.json").is_file() else root
         text_tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         options = {**desc.get("options", {}), **known_options(cls, overrides)}
-        policy = ImagePolicy.from_dict(desc["image_policy"]) if "image_policy" in desc else None
+        policy = ImagePolicy.model_validate(desc["image_policy"]) if "image_policy" in desc else None
         model = cls._assemble(net, text_tokenizer, path=path, root=root, prompts=PromptText(**desc.get("prompts", {})),
                               policy=policy, source=path.name, options=options, device=device, **load_kw)
-        model.base_path = root
+        model.base_path = desc.get("base_model_path") or origin or str(path)
         return model
 
 

@@ -22,6 +22,7 @@ config.json, model*.safetensors, tokenizer files), optional dynboot.json and `ad
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -32,11 +33,11 @@ from transformers import JanusConfig, JanusForConditionalGeneration
 
 from dynboot.models.core import SequenceModel
 from dynboot.models.heads import Readout, ReadoutMixin, make_selective
-from dynboot.models.hf_core import DEFAULT_MAX_TOKENS, HFBackend, config_of, from_pretrained
+from dynboot.models.hf_core import DEFAULT_MAX_TOKENS, HFBackend, from_pretrained
 from dynboot.models.hf_parts import (
     INSTRUCTION_WORDS, PromptText, build_specials, building, load_dtype, token_id, unwrap, word_tokenizer,
 )
-from dynboot.models.image_policy import ImagePolicy, as_rows
+from dynboot.images import ImagePolicy
 from dynboot.models.liquid import _words
 from dynboot.models.vqgan import to_pixels, to_uint8
 from dynboot.prompts import fdp_layout, idp_layout, pad_layouts
@@ -53,7 +54,7 @@ SIZES = {  # text (layers, hidden, heads, ffn), vision (layers, hidden, heads, i
 
 
 def janus_policy(size: int = 384) -> ImagePolicy:
-    return ImagePolicy(size=size, fit="resize_pad", fill=(127, 127, 127), resample="bicubic")
+    return ImagePolicy(kind="letterbox", size=size, fill=(127, 127, 127), resample="bicubic")
 
 
 class JanusWorldNet(ReadoutMixin, JanusForConditionalGeneration):
@@ -111,12 +112,12 @@ class JanusVQTokenizer:
 
     @torch.inference_mode()
     def encode(self, images) -> torch.Tensor:
-        pv = to_pixels(as_rows(images), self.policy).to(self.device)
+        pv = to_pixels(images, self.policy).to(self.device)
         return self.vq.encode(pv).image_tokens.view(len(pv), -1).cpu()
 
     @torch.inference_mode()
     def features(self, images) -> torch.Tensor:
-        pv = to_pixels(as_rows(images), self.policy).to(self.device)
+        pv = to_pixels(images, self.policy).to(self.device)
         return self.vq.quant_conv(self.vq.encoder(pv)).flatten(2).transpose(1, 2).float().cpu()
 
     @torch.inference_mode()
@@ -151,8 +152,9 @@ class JanusProModel(HFBackend, SequenceModel):
                                        token_id(text_tokenizer, eoi_token))
 
     @classmethod
-    def default_policy(cls, path: Path) -> ImagePolicy:
-        return janus_policy(config_of(path).vision_config.image_size)
+    def default_policy(cls, read) -> ImagePolicy:
+        """The policy of a released checkpoint, at its config's SigLIP image size."""
+        return janus_policy(int(json.loads(read("config.json"))["vision_config"].get("image_size", 384)))
 
     def to(self, device) -> "JanusProModel":
         self.net.to(device)
@@ -167,7 +169,7 @@ class JanusProModel(HFBackend, SequenceModel):
             if px.shape[-1] != self.vision_size:
                 px = F.interpolate(px, size=(self.vision_size, self.vision_size), mode="bilinear", align_corners=False)
             return px.to(self.device)
-        return to_pixels(as_rows(images_or_codes), self.tokenizer.policy).to(self.device)
+        return to_pixels(images_or_codes, self.tokenizer.policy).to(self.device)
 
     def _idp_batch(self, before, after, actions, left_pad: bool) -> dict[str, torch.Tensor]:
         a_px, b_px = self._pixels(before), self._pixels(after)

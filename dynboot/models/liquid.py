@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import yaml
 from transformers import GemmaConfig
 
 from dynboot.models.causal_lm import CausalLMModel
@@ -27,7 +28,7 @@ from dynboot.models.hf_core import DEFAULT_MAX_TOKENS, HFBackend, causal_lm_clas
 from dynboot.models.hf_parts import (
     INSTRUCTION_WORDS, PromptText, build_specials, building, load_dtype, token_id, unwrap, word_tokenizer,
 )
-from dynboot.models.image_policy import ImagePolicy
+from dynboot.images import ImagePolicy
 from dynboot.models.vqgan import YAML_NAME, VQGANConfig, VQGANTokenizer, locate_vqgan
 
 LIQUID_OFFSET = 256000  # Gemma's text vocabulary
@@ -40,7 +41,7 @@ SIZES = {  # layers, hidden, heads, kv heads, head_dim, ffn, text vocabulary, VQ
 
 
 def liquid_policy(size: int = 512) -> ImagePolicy:
-    return ImagePolicy(size=size, fit="pad_resize", fill=LIQUID_FILL, resample="lanczos")
+    return ImagePolicy(kind="pad_square", size=size, fill=LIQUID_FILL, resample="lanczos")
 
 
 class LiquidModel(HFBackend, CausalLMModel):
@@ -71,10 +72,11 @@ class LiquidModel(HFBackend, CausalLMModel):
         return liquid_policy(size)
 
     @classmethod
-    def default_policy(cls, path: Path) -> ImagePolicy:
-        """The policy of a released checkpoint, from its vqgan.yaml's resolution (512 when there is none)."""
-        found = locate_vqgan([None, path, path / "tokenizer"])
-        return cls.default_image_policy(VQGANConfig.from_yaml(_yaml(found)).resolution if found else 512)
+    def default_policy(cls, read) -> ImagePolicy:
+        """The policy of a released checkpoint, at its vqgan.yaml's resolution (512, Chameleon's, without one)."""
+        text = read(YAML_NAME) or read(f"tokenizer/{YAML_NAME}")
+        size = yaml.safe_load(text)["model"]["params"]["ddconfig"]["resolution"] if text else 512
+        return cls.default_image_policy(int(size))
 
     def to(self, device: str | torch.device) -> "LiquidModel":
         self.net.to(device)
@@ -131,10 +133,6 @@ class LiquidModel(HFBackend, CausalLMModel):
 
 def _none(token: str | None) -> str | None:
     return None if token in (None, "", "none", "None") else token
-
-
-def _yaml(found: Path) -> Path:
-    return found if found.suffix == ".yaml" else found / YAML_NAME
 
 
 def _words(words: Sequence[str] | None) -> list[str]:

@@ -2,7 +2,7 @@
 
 - text: a word-level Hugging Face tokenizer over the world's action vocabulary;
 - images: the exact grid tokenizer (one code per cell) at a vocabulary offset; any image is first brought to
-  the frame size (its policy: both sides to the frame, BOX filter);
+  the frame size (its policy: both sides to the frame, nearest neighbour);
 - network: `WorldLM` (Llama + cell-position, changed-cell and before-code embeddings, see world_lm.py). Those
   world features are this backend's alone: the batches and decoding steps below add them to the inputs;
 - grammar-constrained captioning: candidates are the actions whose preconditions hold in the before
@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from dynboot.models.causal_lm import CausalLMModel
-from dynboot.models.image_policy import ImagePolicy, as_rows
+from dynboot.images import ImagePolicy
 from dynboot.models.registry import read_description
 from dynboot.models.world_lm import WorldLM, WorldLMConfig
 from dynboot.prompts import Specials
@@ -53,7 +54,7 @@ def _specials(tok: PreTrainedTokenizerFast) -> Specials:
 
 
 def world_policy(spec: WorldSpec) -> ImagePolicy:
-    return ImagePolicy(size=spec.image_px, fit="squash", resample="box")
+    return ImagePolicy(kind="squash", size=spec.image_px, resample="nearest")
 
 
 class WorldTokenizer(GridTokenizer):
@@ -64,10 +65,10 @@ class WorldTokenizer(GridTokenizer):
         self.policy = world_policy(spec)
 
     def encode(self, images) -> torch.Tensor:
-        return super().encode(self.policy.apply_batch(as_rows(images)))
+        return super().encode(self.policy.apply_batch(images))
 
     def features(self, images) -> torch.Tensor:
-        return super().features(self.policy.apply_batch(as_rows(images)))
+        return super().features(self.policy.apply_batch(images))
 
 
 class TinyWorldModel(CausalLMModel):
@@ -153,7 +154,7 @@ class TinyWorldModel(CausalLMModel):
     def describe(self) -> dict:
         s = self.specials
         return {"backend": self.backend, "image_offset": self.image_offset, "world": self.spec.model_dump(),
-                "image_policy": self.tokenizer.policy.to_dict(),
+                "image_policy": self.tokenizer.policy.model_dump(mode="json"),
                 "specials": {"bos": s.bos, "eos": s.eos, "sep": s.sep, "pad": s.pad, "boi": s.boi, "eoi": s.eoi,
                              "instruction_idp": s.instruction_idp, "instruction_fdp": s.instruction_fdp,
                              "action_pad_to": s.action_pad_to}}
@@ -167,8 +168,9 @@ class TinyWorldModel(CausalLMModel):
         return path
 
     @classmethod
-    def default_policy(cls, path: Path) -> ImagePolicy:
-        return world_policy(WorldSpec.model_validate(read_description(path)["world"]))
+    def default_policy(cls, read) -> ImagePolicy:
+        """The policy of a checkpoint saved before policies were recorded: from its world spec."""
+        return world_policy(WorldSpec.model_validate(json.loads(read("dynboot.json"))["world"]))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", **_: object) -> "TinyWorldModel":

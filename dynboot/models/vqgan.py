@@ -37,7 +37,7 @@ from transformers.models.chameleon.modeling_chameleon import (
     ChameleonVQVAEEncoderResnetBlock,
 )
 
-from dynboot.models.image_policy import ImagePolicy, as_rows
+from dynboot.images import ImagePolicy
 
 YAML_NAME, CKPT_NAME, SAFETENSORS_NAME = "vqgan.yaml", "vqgan.ckpt", "vqgan.safetensors"
 
@@ -212,13 +212,13 @@ class VQGAN(nn.Module):
 
 def chameleon_policy(size: int = 512) -> ImagePolicy:
     """Chameleon's image tokenizer: shortest side to `size` (LANCZOS), centre crop."""
-    return ImagePolicy(size=size, fit="crop", resample="lanczos")
+    return ImagePolicy(kind="center_crop", size=size, resample="lanczos")
 
 
 def to_pixels(images, policy: ImagePolicy) -> torch.Tensor:
     """Images (any sizes / modes) -> [B, 3, S, S] float in [-1, 1] through `policy`."""
     batch = policy.apply_batch(images)
-    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.tensor(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # a copy: policy outputs may be read-only
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -248,7 +248,6 @@ class VQGANTokenizer:
         return self
 
     def _chunks(self, images):
-        images = as_rows(images)
         for i in range(0, len(images), self.batch_size):
             yield to_pixels(images[i: i + self.batch_size], self.policy).to(self.device, self.dtype)
 
