@@ -7,8 +7,9 @@ the image codes; "generation" = Janus's codebook-sized image head), and either l
 position, the log-sum-exp taken over the head's rows in chunks of at most `logit_chunk` logits) or no labels
 (-> the logits of the read positions, fp32: one row per sequence when sampling or captioning).
 
-Under autograd each chunk of the log-prob is recomputed in the backward pass (`torch.utils.checkpoint`), so a
-training step holds one `[chunk, V]` block at a time, not one per chunk. Everything runs inside the network's
+Under autograd each chunk of the log-prob is recomputed in the backward pass (`torch.utils.checkpoint`) and its
+gradient written over its own logits (`LabelLogprob`), so a training step holds one `[chunk, V]` block at a
+time, not one per chunk, nor the four copies autograd's log-softmax + gather would keep. Everything runs inside the network's
 own `forward` and calls the head *modules* (never their weights from outside): PEFT and DeepSpeed wrap that
 forward, and ZeRO-3 gathers a module's weights only when the module itself is called.
 
@@ -144,12 +145,34 @@ class ReadoutMixin:
 
     def _chunk_logprob(self, hidden: torch.Tensor, labels: torch.Tensor, r: Readout) -> torch.Tensor:
         z = self.head_logits(hidden, r).float()
-        picked = z.gather(1, labels[:, None])[:, 0]
         if torch.is_grad_enabled():
-            return picked - torch.logsumexp(z, 1)
+            return LabelLogprob.apply(z, labels)
+        picked = z.gather(1, labels[:, None])[:, 0]
         top = z.amax(1, keepdim=True)
         z.sub_(top).exp_()  # in place: the chunk is the only [chunk, V] buffer (z is not needed afterwards)
         return picked - (z.sum(1).log() + top[:, 0])
+
+
+class LabelLogprob(torch.autograd.Function):
+    """log p(label) = z[label] - logsumexp(z) per row of fp32 logits z. Its backward writes the gradient
+    (onehot - softmax) * g into z itself (the head's backward reads its input and weight, never z), so a chunk
+    costs one [rows, V] buffer in the forward and one in the backward, where autograd's own ops hold four."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        lse = torch.empty(z.shape[0], dtype=z.dtype, device=z.device)
+        step = max(1, z.shape[0] // 8)  # log-sum-exp in row blocks: its temporaries stay 1/8 of the chunk
+        for i in range(0, z.shape[0], step):
+            lse[i: i + step] = torch.logsumexp(z[i: i + step], 1)
+        ctx.save_for_backward(z, labels, lse)
+        return z.gather(1, labels[:, None])[:, 0] - lse
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        z, labels, lse = ctx.saved_tensors
+        grad = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g * softmax, in place
+        grad.scatter_add_(1, labels[:, None], g[:, None])
+        return grad, None
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
