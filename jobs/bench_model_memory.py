@@ -58,6 +58,7 @@ class BenchMemoryConfig(Config):
     threads: int = Field(2, ge=1, description="torch threads per measurement.")
     models: str = Field("runs/bench_memory/models", description="Where the size=shapes checkpoints are written.")
     out: str = Field("bench/results/model_memory.json", description="JSON results file.")
+    capacity: bool = Field(True, description="Also compute the largest batches on 48 / 80 GB GPUs (capacity()).")
     measure: str = Field("", description="Internal: one measurement as JSON {backend, op, variant, batch, model}.")
 
 
@@ -297,6 +298,57 @@ def _estimate(rows: list[dict], backend: str, op: str, target: int, after: dict 
             "peak_mb": round(peak, 1), "per_row_mb": round(c * _logit_mb(backend, op, 1), 1)}
 
 
+GPUS_GB = (48, 80)  # L40S (relabel actors, serve replicas), H100 (training): cluster/aws.yaml
+
+
+def capacity(summary: list[dict], backends: list[str]) -> list[dict]:
+    """The largest batch each stage fits on 48 and 80 GB, COMPUTED (not measured on a GPU) for the released
+    shapes in bf16: weights (parameter count of `init-model size=full`, built on the meta device) + fixed
+    buffers (two logit chunks; for training the LoRA parameters, their gradients and AdamW's fp32 state, 16 bytes
+    each) + batch x per-row memory. A row's memory = what the 7B network holds per token (KV cache of every
+    layer and/or one layer's activations: `hf_core.bytes_per_token`, or, training with activation checkpointing,
+    every layer's input + three layers' activations for the recompute) + the per-row memory this benchmark
+    measured at size=shapes (the heads, log-sum-exp, bookkeeping: an upper bound, it includes the tiny layers)."""
+    import torch
+
+    from dynboot.models.heads import DEFAULT_LOGIT_CHUNK
+    from dynboot.models.registry import backend_class
+
+    measured = {(s["backend"], s["op"]): (s["after_per_row_mb"] or 0.0) * 2**20 for s in summary}
+    out = []
+    for backend in backends:
+        model = backend_class(backend).create("full", device="meta", dtype="bfloat16")
+        cfg = model.net.config.get_text_config()
+        b, h, layers, ffn = 2, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+        head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+        kv = layers * 2 * cfg.num_key_value_heads * head_dim * b  # bytes per token of KV cache
+        act = (6 * h + 3 * ffn) * b  # bytes per token of one layer's activations
+        weights = sum(p.numel() for p in model.net.parameters()) * b
+        lora = sum(16 * (m.in_features + m.out_features) for n, m in model.net.named_modules()
+                   if n in set(model.lora_target_modules()))
+        S_idp, S_fdp = model.token_cost("score"), model.token_cost("train_fdp")
+        P, L = S_fdp - model.tokenizer.tokens_per_image - 2, model.tokenizer.tokens_per_image
+        rows = {  # stage -> (bytes per row, what a row is)
+            "score": (S_idp * act + measured.get((backend, "score"), 0), "candidate"),
+            "caption": ((S_idp + 32) * kv + S_idp * act + measured.get((backend, "score"), 0), "pair"),
+            "sample n=8 cfg=3": (16 * (P + L) * kv + 2 * P * act + 16 * measured.get((backend, "sample"), 0), "prompt"),
+            "train fdp (LoRA, checkpointing)": (S_fdp * (layers * h * b + 3 * act) + measured.get((backend, "loss"), 0),
+                                                "pair"),
+        }
+        fixed = weights + 2 * DEFAULT_LOGIT_CHUNK * 4
+        for stage, (per_row, unit) in rows.items():
+            extra = 16 * lora if stage.startswith("train") else 0
+            row = {"backend": backend, "stage": stage, "unit": unit, "weights_gb": round(weights / 2**30, 1),
+                   "per_row_mb": round(per_row / 2**20, 1)}
+            for gb in GPUS_GB:
+                usable = 0.92 * (gb - 1.5) * 2**30 - fixed - extra  # CUDA context ~1.5 GB, 8% allocator slack
+                row[f"max_batch_{gb}gb"] = max(0, int(usable // per_row))
+            out.append(row)
+        del model
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out
+
+
 def main(cfg: BenchMemoryConfig) -> dict | None:
     if cfg.measure:
         print(json.dumps(measure({**json.loads(cfg.measure), "threads": cfg.threads})), flush=True)
@@ -331,9 +383,13 @@ def main(cfg: BenchMemoryConfig) -> dict | None:
                                 "reduction": round(before["peak_mb"] / after["peak_mb"], 1)})
     result = {"what": "peak memory above the process baseline (static model + inputs + transient), CPU, size=shapes",
               "command": "python -m jobs.bench_model_memory " + " ".join(sys.argv[1:]),
-              "threads": cfg.threads, "rows": rows, "summary": summary}
+              "threads": cfg.threads, "rows": rows, "summary": summary,
+              "capacity_computed": capacity(summary, cfg.backends) if cfg.capacity else []}
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(result, indent=1))
+    for c in result["capacity_computed"]:
+        print(f"{c['backend']:>7} {c['stage']:<32} {c['per_row_mb']:8.1f} MB per {c['unit']}: "
+              + ", ".join(f"{gb} GB -> {c[f'max_batch_{gb}gb']}" for gb in GPUS_GB) + " (computed)")
     for s in summary:
         print(f"{s['backend']:>7} {s['op']:<7} B={s['batch']}: after {s['after_peak_mb']:8.1f} MB "
               f"(x{s['after_ratio_to_min']} of the minimum), before {s['before_peak_mb']:9.1f} MB"

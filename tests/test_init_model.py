@@ -61,6 +61,7 @@ def test_shapes_keep_the_real_vocabulary_and_image_codes(backend, vocab, codes, 
     tok = model.tokenizer
     assert (tok.codebook_size, tok.tokens_per_image, tok.image_size) == (codes, per_image, image_size)
     assert sum(p.numel() for p in base.parameters()) < 5e7  # a tiny transformer around the real vocabulary
+    assert model.options()["max_tokens"] == "auto" and model.max_tokens == 32768  # "auto" on a CPU: the default budget
     if backend == "anole":  # 8192 Chameleon image tokens inside the 65536-token vocabulary
         assert len(model.image_token_ids) == 8192 and int(model.image_token_ids.max()) < vocab
 

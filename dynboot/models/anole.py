@@ -28,7 +28,7 @@ import torch
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
 from dynboot.models.heads import ReadoutMixin, make_selective
-from dynboot.models.hf_core import DEFAULT_MAX_TOKENS, from_pretrained
+from dynboot.models.hf_core import Budget, from_pretrained
 from dynboot.models.hf_parts import INSTRUCTION_WORDS, PromptText, building, load_dtype, unwrap, word_tokenizer
 from dynboot.images import ImagePolicy
 from dynboot.models.liquid import LiquidModel, _words
@@ -67,7 +67,7 @@ class AnoleModel(LiquidModel):
 
     def __init__(self, net, text_tokenizer, image_tokenizer: VQGANTokenizer, prompts: PromptText | None = None,
                  guidance_scale: float = 1.0, source: str = "scratch", boi_token: str = BOI, eoi_token: str = EOI,
-                 max_tokens: int | None = DEFAULT_MAX_TOKENS, policy: ImagePolicy | None = None):
+                 max_tokens: Budget = "auto", policy: ImagePolicy | None = None):
         base = unwrap(net)
         img2bpe = base.model.vocabulary_mapping.img2bpe
         K = image_tokenizer.codebook_size
@@ -118,7 +118,7 @@ class AnoleModel(LiquidModel):
         encoder_state = {k: v for k, v in image_tokenizer.vqgan.state_dict().items() if not k.startswith("decoder.")}
         net.model.vqmodel.load_state_dict(encoder_state)
         return cls(net.eval(), tok, image_tokenizer, guidance_scale=guidance_scale, source=f"scratch-{size}",
-                   max_tokens=None if size == "tiny" else DEFAULT_MAX_TOKENS)
+                   max_tokens=None if size == "tiny" else "auto")
 
     @classmethod
     def load_net(cls, root: Path, device, dtype: torch.dtype):

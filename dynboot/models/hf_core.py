@@ -19,6 +19,7 @@ its device (bfloat16 on accelerators): no fp32 copy on the CPU first.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft import PeftModel
@@ -28,13 +29,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from dynboot import storage
 from dynboot.images import ImagePolicy
-from dynboot.models.heads import ReadoutMixin, make_selective
+from dynboot.models.heads import DEFAULT_LOGIT_CHUNK, ReadoutMixin, make_selective
 from dynboot.models.hf_parts import PromptText, known_options, language_model_projections, load_dtype, unwrap
 from dynboot.models.registry import checkpoint_description
 from dynboot.rundir import write_json
 
 ADAPTER_DIR = "adapter"
-DEFAULT_MAX_TOKENS = 32768  # tokens per forward of a real backend (~16 GB of a 7B model's bf16 KV cache)
+DEFAULT_MAX_TOKENS = 32768  # tokens per forward on a CPU or an unknown device (~16 GB of a 7B model's bf16 KV cache)
+Budget = int | None | Literal["auto"]  # max_tokens setting: a number, unbounded, or sized to the free GPU memory
 
 
 # ---- networks ----------------------------------------------------------------------------------------------
@@ -56,6 +58,29 @@ def causal_lm_class(config) -> type:
         Net.__name__ = Net.__qualname__ = f"Readout{base.__name__}"
         _CAUSAL[base] = Net
     return _CAUSAL[base]
+
+
+# ---- the token budget ------------------------------------------------------------------------------------------
+def bytes_per_token(net: nn.Module) -> int:
+    """What one token in a forward costs a model beyond its weights, at most: its KV cache entries in every layer
+    plus the activations of one layer (q, k, v, attention output, residual; gate, up, product of the MLP)."""
+    cfg = unwrap(net).config.get_text_config()
+    size = next(net.parameters()).element_size()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim
+    return size * (kv + 6 * cfg.hidden_size + 3 * cfg.intermediate_size)
+
+
+def resolve_budget(setting: Budget, net: nn.Module) -> int | None:
+    """`auto`: the tokens that fit 85% of the device's free memory (after the weights) less two logit chunks;
+    on a CPU, DEFAULT_MAX_TOKENS. A number or None is used as given."""
+    if setting != "auto":
+        return setting
+    device = next(net.parameters()).device
+    if device.type != "cuda":
+        return DEFAULT_MAX_TOKENS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(2048, int((0.85 * free - 8 * DEFAULT_LOGIT_CHUNK) // bytes_per_token(net)))
 
 
 # ---- adapters ----------------------------------------------------------------------------------------------
@@ -119,7 +144,9 @@ class HFBackend:
         return language_model_projections(self.net, self.LAYERS_PREFIX)
 
     def options(self) -> dict:
-        return {k: getattr(self, k) for k in self.OPTIONS}
+        """What dynboot.json records (the budget as set, e.g. "auto", not as resolved on this device)."""
+        return {k: (getattr(self, "budget_setting", self.max_tokens) if k == "max_tokens" else getattr(self, k))
+                for k in self.OPTIONS}
 
     def describe(self) -> dict:
         return {"backend": self.backend, "prompts": vars(self.prompts), "options": self.options(),

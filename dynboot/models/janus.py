@@ -33,7 +33,7 @@ from transformers import JanusConfig, JanusForConditionalGeneration
 
 from dynboot.models.core import SequenceModel
 from dynboot.models.heads import Readout, ReadoutMixin, make_selective
-from dynboot.models.hf_core import DEFAULT_MAX_TOKENS, HFBackend, from_pretrained
+from dynboot.models.hf_core import Budget, HFBackend, from_pretrained, resolve_budget
 from dynboot.models.hf_parts import (
     INSTRUCTION_WORDS, PromptText, build_specials, building, load_dtype, token_id, unwrap, word_tokenizer,
 )
@@ -138,7 +138,7 @@ class JanusProModel(HFBackend, SequenceModel):
 
     def __init__(self, net: JanusWorldNet, text_tokenizer, prompts: PromptText | None = None, guidance_scale: float = 1.0,
                  source: str = "scratch", boi_token: str = BOI, eoi_token: str = EOI,
-                 max_tokens: int | None = DEFAULT_MAX_TOKENS, policy: ImagePolicy | None = None):
+                 max_tokens: Budget = "auto", policy: ImagePolicy | None = None):
         self.net, self.text_tokenizer, self.source = net, text_tokenizer, source
         base = unwrap(net)
         vision = base.config.vision_config
@@ -146,7 +146,8 @@ class JanusProModel(HFBackend, SequenceModel):
         self.tokenizer = JanusVQTokenizer(base.model.vqmodel, policy or janus_policy(vision.image_size))
         self.vision_size, self.read_tokens = vision.image_size, vision.num_image_tokens
         self.placeholder = base.config.image_token_id
-        self.prompts, self.guidance_scale, self.max_tokens = prompts or PromptText(), guidance_scale, max_tokens
+        self.prompts, self.guidance_scale = prompts or PromptText(), guidance_scale
+        self.budget_setting, self.max_tokens = max_tokens, resolve_budget(max_tokens, net)
         self.boi_token, self.eoi_token = boi_token, eoi_token
         self.specials = build_specials(text_tokenizer, self.prompts, token_id(text_tokenizer, boi_token),
                                        token_id(text_tokenizer, eoi_token))
@@ -247,7 +248,7 @@ class JanusProModel(HFBackend, SequenceModel):
         with building(device, load_dtype(device, dtype)):
             net = JanusWorldNet(config)
         return cls(net.eval(), tok, guidance_scale=guidance_scale, source=f"scratch-{size}",
-                   max_tokens=None if size == "tiny" else DEFAULT_MAX_TOKENS)
+                   max_tokens=None if size == "tiny" else "auto")
 
     @classmethod
     def load_net(cls, root: Path, device, dtype: torch.dtype):

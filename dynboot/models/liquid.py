@@ -24,7 +24,7 @@ import yaml
 from transformers import GemmaConfig
 
 from dynboot.models.causal_lm import CausalLMModel
-from dynboot.models.hf_core import DEFAULT_MAX_TOKENS, HFBackend, causal_lm_class, config_of, from_pretrained
+from dynboot.models.hf_core import Budget, HFBackend, causal_lm_class, config_of, from_pretrained, resolve_budget
 from dynboot.models.hf_parts import (
     INSTRUCTION_WORDS, PromptText, build_specials, building, load_dtype, token_id, unwrap, word_tokenizer,
 )
@@ -52,7 +52,7 @@ class LiquidModel(HFBackend, CausalLMModel):
     def __init__(self, net, text_tokenizer, image_tokenizer: VQGANTokenizer, image_offset: int = LIQUID_OFFSET,
                  prompts: PromptText | None = None, guidance_scale: float = 1.0, source: str = "scratch",
                  boi_token: str | None = "<boi>", eoi_token: str | None = "<eoi>",
-                 max_tokens: int | None = DEFAULT_MAX_TOKENS, policy: ImagePolicy | None = None,
+                 max_tokens: Budget = "auto", policy: ImagePolicy | None = None,
                  image_token_ids: torch.Tensor | None = None):
         self.prompts = prompts or PromptText()
         self.boi_token, self.eoi_token = _none(boi_token), _none(eoi_token)
@@ -63,9 +63,11 @@ class LiquidModel(HFBackend, CausalLMModel):
                              f"the model's vocabulary of {vocab}; wrong image_offset or VQ-GAN?")
         boi = token_id(text_tokenizer, self.boi_token) if self.boi_token else None
         eoi = token_id(text_tokenizer, self.eoi_token) if self.eoi_token else None
+        self.budget_setting = max_tokens
         super().__init__(net, text_tokenizer, image_tokenizer, image_offset=image_offset,
                          specials=build_specials(text_tokenizer, self.prompts, boi, eoi), source=source,
-                         guidance_scale=guidance_scale, max_tokens=max_tokens, image_token_ids=image_token_ids)
+                         guidance_scale=guidance_scale, max_tokens=resolve_budget(max_tokens, net),
+                         image_token_ids=image_token_ids)
 
     @classmethod
     def default_image_policy(cls, size: int) -> ImagePolicy:
@@ -105,7 +107,7 @@ class LiquidModel(HFBackend, CausalLMModel):
             net = causal_lm_class(config)(config)
         image_tokenizer = VQGANTokenizer.create(vq_cfg, seed=seed).to(device)
         return cls(net.eval(), tok, image_tokenizer, image_offset=offset, guidance_scale=guidance_scale,
-                   source=f"scratch-{size}", max_tokens=None if size == "tiny" else DEFAULT_MAX_TOKENS)
+                   source=f"scratch-{size}", max_tokens=None if size == "tiny" else "auto")
 
     # ---- persistence -----------------------------------------------------------------------------------
     def _save_image_tokenizer(self, path: Path) -> None:
