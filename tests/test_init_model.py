@@ -4,6 +4,8 @@ transformer. `pytest tests/test_init_model.py`"""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -70,3 +72,25 @@ def test_init_model_rejects_what_does_not_exist(tmp_path, capsys):
     assert cli(["init-model", "backend=liquid", f"out={tmp_path / 'x'}", "size=full-1b"]) == 1
     assert "janus only" in capsys.readouterr().err
     assert cli(["init-model", "backend=emu3", f"out={tmp_path / 'y'}"]) == 2
+
+
+def test_checkpoints_on_object_storage(bucket, tmp_path, monkeypatch):
+    """init-model writes to a URI; load_model fetches it once per node; the policy is read from dynboot.json
+    alone; a LoRA model loaded from the URI saves an adapter that points at the URI, not at this node's cache."""
+    from peft import get_peft_model
+
+    from dynboot import storage
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    uri = f"{bucket}/models/anole-tiny"
+    assert cli(["init-model", "backend=anole", f"out={uri}", "size=tiny"]) == 0
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    policy = policy_of_checkpoint(uri)  # small files only: nothing fetched yet
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    model = load_model(uri)
+    assert model.tokenizer.policy == policy and model.base_path == uri
+    model.net = get_peft_model(model.net, model.lora_config(rank=2, alpha=4))
+    out = model.save(tmp_path / "adapter")
+    assert json.loads((out / "dynboot.json").read_text())["base_model_path"] == uri
+    x = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    torch.testing.assert_close(load_model(out).action_logprob(x, x, ["a"]), model.action_logprob(x, x, ["a"]))
