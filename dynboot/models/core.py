@@ -27,7 +27,7 @@ A backend supplies only what is its own:
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -306,6 +306,8 @@ class SequenceModel(UnifiedModel):
                 logits = self.net(**step, attention_mask=mask, position_ids=pos, readouts=[self.image_readout(step_last)],
                                   past_key_values=cache, use_cache=True).readouts[0]
             else:
+                if not step.keys() <= full.keys():
+                    raise RuntimeError(f"decoding step inputs {sorted(step.keys() - full.keys())} are not in the prompt's")
                 full = {k: torch.cat([v, step[k]], 1) if k in step else v for k, v in full.items()}
                 full["attention_mask"] = mask
         return codes.reshape(B, n, L)
@@ -319,7 +321,3 @@ def _concat(a, b):
         return np.concatenate([a, b])
     return list(a) + list(b)
 
-
-def row_images(x) -> Sequence:
-    """A batch of images as a sequence of rows (array [B, ...], list of any-size images, or codes)."""
-    return x if isinstance(x, (np.ndarray, torch.Tensor, list, tuple)) else list(x)
