@@ -1,6 +1,8 @@
 """The `dynboot` command.
 
     dynboot world [CFG.yaml] [key=value ...]      generate the embedded world (library code)
+    dynboot init-model backend=... out=...        a random checkpoint of a real backend (library code)
+    dynboot convert-vqgan ckpt=...                the released vqgan.ckpt -> vqgan.safetensors, once (library code)
     dynboot relabel|train|eval|quickstart ...     run the job module `jobs.<name>` (the same program that
                                                   `ray job submit -- python -m jobs.<name>` runs)
     dynboot serve ...                             run the Serve app (`serve.run_local`)
@@ -76,19 +78,44 @@ def _world(argv: list[str]) -> int:
     return job_main(WorldConfig, run, argv, doc="dynboot world: generate the embedded world (gold, videos, test).")
 
 
+def _library_command(module: str, config: str) -> Callable[[list[str]], int]:
+    """A command implemented in the library: `module.main(cfg)` with `module.<config>`; its refusals
+    (ValueError / FileNotFoundError, e.g. convert-vqgan's unknown pickle globals) print as errors."""
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        mod = importlib.import_module(module)
+        try:
+            return job_main(getattr(mod, config), mod.main, argv, doc=mod.__doc__)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+LIBRARY = {  # commands that are library code, not jobs
+    "world": (_world, "generate the embedded world"),
+    "init-model": (_library_command("dynboot.models.init_model", "InitModelConfig"),
+                   "a random checkpoint of a real backend (backend=anole|liquid|janus out=DIR size=tiny|shapes|full)"),
+    "convert-vqgan": (_library_command("dynboot.models.vqgan_convert", "ConvertVQGANConfig"),
+                      "convert a trusted Lightning vqgan.ckpt to vqgan.safetensors (ckpt=...)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\ncommands:\n  world       generate the embedded world")
-        for name, (_, text) in JOBS.items():
-            print(f"  {name:<11} {text}")
+        print("\ncommands:")
+        for name, (_, text) in {**LIBRARY, **JOBS}.items():
+            print(f"  {name:<14} {text}")
         return 0
     cmd, rest = argv[0], argv[1:]
-    if cmd == "world":
-        return _world(rest)
+    if cmd in LIBRARY:
+        return LIBRARY[cmd][0](rest)
     if cmd not in JOBS:
-        print(f"error: unknown command {cmd!r}; commands: world, {', '.join(JOBS)}", file=sys.stderr)
+        print(f"error: unknown command {cmd!r}; commands: {', '.join([*LIBRARY, *JOBS])}", file=sys.stderr)
         return 2
     module = JOBS[cmd][0]
     sys.argv = [f"dynboot {cmd}", *rest]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -119,3 +120,28 @@ def fdp_layout(s: Specials, before: list[int], action: list[int], after: list[in
             b.text([s.eoi], target=True)
         b.text([s.eos], target=True)
     return b.done(prefix)
+
+
+def pad_layouts(layouts: list[Layout], pad: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
+    """Pad layouts into tensors (right-padded for training/scoring, left-padded for generation)."""
+    n = max(len(l.ids) for l in layouts)
+    B = len(layouts)
+    ids = torch.full((B, n), pad, dtype=torch.long)
+    mask = torch.zeros((B, n), dtype=torch.long)
+    target = torch.zeros((B, n), dtype=torch.bool)
+    cells = torch.full((B, n), -1, dtype=torch.long)
+    cells_in = torch.full((B, n), -1, dtype=torch.long)
+    images = torch.full((B, n), -1, dtype=torch.long)
+    for i, l in enumerate(layouts):
+        sl = slice(n - len(l.ids), n) if left_pad else slice(0, len(l.ids))
+        ids[i, sl] = torch.tensor(l.ids)
+        mask[i, sl] = 1
+        target[i, sl] = torch.tensor(l.target)
+        cells[i, sl] = torch.tensor(l.cell_of)
+        cells_in[i, sl] = torch.tensor(l.cell_in)
+        images[i, sl] = torch.tensor(l.image_of)
+    out = {"input_ids": ids, "attention_mask": mask, "target": target, "cell_of": cells, "cell_in": cells_in,
+           "image_of": images}
+    out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    out["label_codes"] = torch.full((B, n), -1, dtype=torch.long)  # filled by the backend at generated-image targets
+    return out

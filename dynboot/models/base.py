@@ -1,16 +1,18 @@
 """The one interface every model family sits behind; method code never branches on the family.
 
-Images cross this interface as RGB uint8 arrays [B, H, W, 3] (any size: each backend resizes to its
-tokenizer's input), image tokens as int64 codes [B, L] in the tokenizer's codebook (no vocabulary offset),
-actions as strings.
+Images cross this interface as RGB uint8 arrays: a batch is an array [B, H, W, 3] or a list of images of
+any sizes and modes (each tokenizer's `policy` turns every image into its square input); image tokens are int64
+codes [B, L] in the tokenizer's codebook (no vocabulary offset); actions are strings.
 
     tok = model.tokenizer
-    codes = tok.encode(images)                       # [B, L]
+    codes = tok.encode(images)                       # [B, L]; tok.policy says how an image becomes the input
     model.caption(before, after)                     # IDP: list[str]
+    model.caption_scored(before, after)              # IDP, one pass: (captions, their mean log p) for relabelling
     model.action_logprob(before, after, actions)     # IDP verifier score: mean per-token log p(action), [B]
     model.sample(before, actions, n=8, seed=0)       # FDP: [B, n, L] codes, one batched call, shared prefix
     batch = model.collate(examples, task="fdp", token_weights=w)   # CPU tensors for one training step
     loss = model.loss(batch)                         # weighted CE on target tokens only
+    model.token_cost("score"), model.max_tokens      # what a row costs / the most tokens one forward holds
     model.save(dir); load_model(dir)                 # Hugging Face layout, local files only
 """
 
@@ -24,7 +26,10 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from dynboot.images import ImagePolicy
+
 Task = Literal["idp", "fdp"]
+Stage = Literal["score", "caption", "sample", "train_idp", "train_fdp"]  # what `token_cost` prices
 
 
 class ImageTokenizer(Protocol):
@@ -33,22 +38,23 @@ class ImageTokenizer(Protocol):
     codebook_size: int  # number of codes
     tokens_per_image: int  # L
     image_size: int  # side of the square input the tokenizer works at
+    policy: ImagePolicy  # how an image of any size / mode becomes the [S, S, 3] input (dynboot.images)
 
-    def encode(self, images: np.ndarray) -> torch.Tensor:
-        """[B, H, W, 3] uint8 -> [B, L] int64 codes."""
+    def encode(self, images) -> torch.Tensor:
+        """Images ([B, H, W, 3] uint8, or a list of any sizes / modes) -> [B, L] int64 codes."""
 
     def decode(self, codes: torch.Tensor) -> np.ndarray:
-        """[B, L] codes -> [B, H, W, 3] uint8 images."""
+        """[B, L] codes -> [B, S, S, 3] uint8 images."""
 
-    def features(self, images: np.ndarray) -> torch.Tensor:
-        """[B, H, W, 3] uint8 -> [B, L, D] pre-quantisation features (for recognition weights)."""
+    def features(self, images) -> torch.Tensor:
+        """Images (as for `encode`) -> [B, L, D] pre-quantisation features (for recognition weights)."""
 
 
 @dataclass
 class Example:
     """One training pair, as the data loaders hand it to `collate`."""
 
-    before: np.ndarray  # [H, W, 3] uint8
+    before: np.ndarray  # [H, W, 3] uint8 (any size: the tokenizer's policy applies)
     after: np.ndarray  # [H, W, 3] uint8
     action: str
     meta: dict[str, Any] = field(default_factory=dict)  # source, id, provenance tag...
@@ -60,6 +66,7 @@ class UnifiedModel(abc.ABC):
     backend: str  # registry name, e.g. "tiny", "liquid", "anole", "janus"
     tokenizer: ImageTokenizer
     net: torch.nn.Module  # the trainable module (what DeepSpeed / DDP / PEFT wrap)
+    max_tokens: int | None  # the most tokens one forward holds (rows are chunked to fit); None = unbounded
 
     @property
     def model_id(self) -> str:
@@ -72,18 +79,23 @@ class UnifiedModel(abc.ABC):
 
     # ---- IDP -------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def caption(self, before: np.ndarray, after: np.ndarray, max_new_tokens: int = 32) -> list[str]:
+    def caption(self, before, after, max_new_tokens: int = 32) -> list[str]:
         """The action turning each `before` into its `after` (greedy, text tokens only)."""
 
     @abc.abstractmethod
-    def action_logprob(self, before: np.ndarray, after: np.ndarray | torch.Tensor, actions: list[str]) -> torch.Tensor:
+    def caption_scored(self, before, after, max_new_tokens: int = 32) -> tuple[list[str], torch.Tensor]:
+        """`caption` and, from the same decoding pass, each caption's mean per-token log-prob: the same number
+        as `action_logprob(before, after, captions)` (full-vocabulary log-softmax over the caption + <eos>)."""
+
+    @abc.abstractmethod
+    def action_logprob(self, before, after, actions: list[str]) -> torch.Tensor:
         """[B] mean per-token log-prob of each action given (before, after); `after` may be images
-        [B, H, W, 3] or codes [B, L] (FDP candidates, scored without a decode/encode round trip)."""
+        or codes [B, L] (FDP candidates, scored without a decode/encode round trip)."""
 
     # ---- FDP -------------------------------------------------------------------------------------
     @abc.abstractmethod
     def sample(
-        self, before: np.ndarray, actions: list[str], n: int = 1, temperature: float = 1.0,
+        self, before, actions: list[str], n: int = 1, temperature: float = 1.0,
         top_k: int = 0, seed: int | None = None,
     ) -> torch.Tensor:
         """[B, n, L] image codes; exactly L image tokens each. temperature 0 = greedy."""
@@ -99,11 +111,23 @@ class UnifiedModel(abc.ABC):
 
         `net` is what runs the forward pass (a DeepSpeed engine or DDP wrapper of `self.net`)."""
 
-    def idp_loss(self, examples: list[Example]) -> torch.Tensor:
-        return self.loss(self.collate(examples, "idp"))
+    # ---- memory ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def token_cost(self, stage: Stage, n: int = 1, **kw) -> int:
+        """Tokens one input of `stage` holds in a forward (KV cache included; `sample`: one prompt with n
+        candidates). A server batching by rows keeps Σ token_cost <= max_tokens."""
 
-    def fdp_loss(self, examples: list[Example], token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        return self.loss(self.collate(examples, "fdp", token_weights))
+    def gradient_checkpointing(self, enable: bool | None = None) -> bool:
+        """Turn activation checkpointing of the network's layers on or off (None = the backend's default: on for
+        models of a billion parameters or more). Returns whether it is on. Call it before wrapping the net."""
+        base = self.net.get_base_model() if hasattr(self.net, "get_base_model") else self.net
+        if enable is None:
+            enable = sum(p.numel() for p in base.parameters()) >= 1e9
+        if enable:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif base.is_activation_checkpointing:
+            base.activation_checkpointing_disable()
+        return bool(enable)
 
     # ---- persistence -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -113,6 +137,18 @@ class UnifiedModel(abc.ABC):
     def lora_target_modules(self) -> list[str]:
         """Module names LoRA may wrap: language-model projections only (never VQ / vision towers)."""
         return ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    def lora_modules_to_save(self) -> list[str]:
+        """Modules trained in full next to the LoRA layers (saved in the adapter), e.g. Janus's generation head."""
+        return []
+
+    def lora_config(self, rank: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: list[str] | None = None):
+        """The PEFT LoraConfig to wrap `net` with (`peft.get_peft_model(model.net, model.lora_config(...))`)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                          target_modules=target_modules or self.lora_target_modules(),
+                          modules_to_save=self.lora_modules_to_save() or None)
 
     def to(self, device: str | torch.device) -> "UnifiedModel":
         self.net.to(device)

@@ -1,22 +1,17 @@
-"""Hugging Face plumbing shared by the real backends (anole, liquid, janus).
+"""Hugging Face plumbing shared by the real backends (anole, liquid, janus); their save/load is hf_core.py.
 
 - LoRA on the language model only: a plain `target_modules=["q_proj", ...]` also wraps VQ / vision-tower
   attention (Janus's SigLIP has q/k/v_proj), so backends name every language-model projection in full.
-- Checkpoints hold base weights + a PEFT adapter: `save_net` writes the base in the HF layout at `path`
-  (LoRA layers stripped back to their base weights) and the adapter under `path/adapter/` as PEFT saves it;
-  `attach_adapter` wraps a freshly loaded base with it. A checkpoint may instead name its base directory in
-  dynboot.json (`base_model_path`) and hold only the adapter, to avoid copying 7B weights per export.
+- Construction directly on the target device and dtype (a random 7B model never materialises in CPU fp32).
 - Prompt text -> `Specials`, and token lookups that fail loudly.
-- Offline word-level tokenizers for random-weight builds (tests, GPU smoke): no downloads.
+- Offline word-level tokenizers for random-weight builds (tests, init-model, GPU smoke): no downloads.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
@@ -26,13 +21,14 @@ from transformers import PreTrainedTokenizerFast
 
 from dynboot.prompts import Specials
 
-ADAPTER_DIR = "adapter"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-# ---- LoRA / adapters --------------------------------------------------------------------------------
+# ---- LoRA ---------------------------------------------------------------------------------------------------
 def unwrap(net: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
+    """The transformers model under its wrappers (DeepSpeed engine / DDP `.module`, PEFT; LoRA layers stay in)."""
+    while not isinstance(net, PeftModel) and isinstance(getattr(net, "module", None), nn.Module):
+        net = net.module
     return net.get_base_model() if isinstance(net, PeftModel) else net
 
 
@@ -43,49 +39,6 @@ def language_model_projections(net: nn.Module, layers_prefix: str) -> list[str]:
     if not names:
         raise ValueError(f"no projections under {layers_prefix!r}: not the architecture this backend expects")
     return names
-
-
-def base_state_dict(net: PeftModel) -> dict[str, torch.Tensor]:
-    """The base model's weights with PEFT's wrappers removed (keys as in the original checkpoint)."""
-    out = {}
-    for key, value in net.get_base_model().state_dict().items():
-        if "lora_" in key or ".modules_to_save." in key:
-            continue
-        out[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
-    return out
-
-
-def save_net(net: nn.Module, path: Path, include_base: bool = True) -> None:
-    if isinstance(net, PeftModel):
-        if include_base:
-            net.get_base_model().save_pretrained(path, state_dict=base_state_dict(net))
-        net.save_pretrained(path / ADAPTER_DIR)
-    elif include_base:
-        net.save_pretrained(path)
-    else:
-        raise ValueError("include_base=False needs a PEFT-wrapped net (there is no adapter to save on its own)")
-
-
-def checkpoint_description(path: Path) -> dict:
-    """dynboot.json of a checkpoint directory, or {} for a checkpoint as released (no dynboot.json)."""
-    meta = path / "dynboot.json"
-    return json.loads(meta.read_text()) if meta.is_file() else {}
-
-
-def base_dir(path: Path, desc: dict) -> Path:
-    """Where the base weights of checkpoint `path` live (itself, or dynboot.json's `base_model_path`)."""
-    if (path / "config.json").is_file():
-        return path
-    if desc.get("base_model_path"):
-        return Path(desc["base_model_path"])
-    raise FileNotFoundError(f"{path}: no config.json and no base_model_path in dynboot.json")
-
-
-def attach_adapter(net: nn.Module, path: Path, trainable: bool = False) -> nn.Module:
-    adapter = path / ADAPTER_DIR
-    if not (adapter / "adapter_config.json").is_file():
-        return net
-    return PeftModel.from_pretrained(net, str(adapter), is_trainable=trainable)
 
 
 def known_options(cls, overrides: dict) -> dict:
@@ -148,10 +101,6 @@ def build_specials(tokenizer, prompts: PromptText, boi: int | None, eoi: int | N
         raise ValueError(f"separator {prompts.sep!r} tokenises to nothing")
     return Specials(bos=bos_id, eos=eos_id, sep=sep, pad=eos_id if pad_id is None else pad_id, boi=boi, eoi=eoi,
                     instruction_idp=text_ids(tokenizer, prompts.idp), instruction_fdp=text_ids(tokenizer, prompts.fdp))
-
-
-def prompts_dict(p: PromptText) -> dict:
-    return asdict(p)
 
 
 # ---- offline tokenizers for random-weight builds ---------------------------------------------------------

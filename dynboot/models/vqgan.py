@@ -2,22 +2,25 @@
 
 Weights load from a local directory holding the released files:
 - `vqgan.yaml`: the taming config, `model.params.{embed_dim, n_embed, ddconfig}` (`lossconfig` is ignored);
-- `vqgan.ckpt`: the Lightning checkpoint; its `state_dict` keys are `encoder.*`, `decoder.*`,
-  `quantize.embedding.weight`, `quant_conv.*`, `post_quant_conv.*` (the `loss.*` discriminator keys are
-  dropped), or `vqgan.safetensors` with the same keys, which `save` writes.
+- `vqgan.safetensors` (what `save` and `dynboot convert-vqgan` write), keys `encoder.*`, `decoder.*`,
+  `quantize.embedding.weight`, `quant_conv.*`, `post_quant_conv.*`;
+- or `vqgan.ckpt`, the released Lightning checkpoint with the same keys under `state_dict` (the `loss.*`
+  discriminator keys are dropped). It is only ever read with `torch.load(weights_only=True)`; a checkpoint that
+  pickles Python objects (Lightning's callback classes) is refused with the command that converts it once,
+  after which only the safetensors file is read (vqgan_convert.py).
 
 The encoder and its resnet/attention blocks are transformers' Chameleon classes (same parameter names, same
 maths); transformers has no decoder, so the taming decoder is built here from those same blocks.
 
     tok = VQGANTokenizer.load("ckpt_dir")    # 512x512 -> 32x32 = 1024 codes of 8192
-    codes = tok.encode(images)                # [B, 1024]: resize to 512, [-1, 1], encoder -> quant_conv -> nearest code
+    codes = tok.encode(images)                # [B, 1024]: tok.policy to 512, [-1, 1], encoder -> quant_conv -> nearest code
     images = tok.decode(codes)                # [B, 512, 512, 3] uint8: codebook -> post_quant_conv -> decoder
     z = tok.features(images)                  # [B, 1024, 256] = quant_conv(encoder(x)), for recognition weights
 """
 
 from __future__ import annotations
 
-import warnings
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ChameleonVQVAEConfig
@@ -34,6 +36,8 @@ from transformers.models.chameleon.modeling_chameleon import (
     ChameleonVQVAEEncoderAttnBlock,
     ChameleonVQVAEEncoderResnetBlock,
 )
+
+from dynboot.images import ImagePolicy
 
 YAML_NAME, CKPT_NAME, SAFETENSORS_NAME = "vqgan.yaml", "vqgan.ckpt", "vqgan.safetensors"
 
@@ -69,6 +73,12 @@ class VQGANConfig:
     def tiny(cls) -> "VQGANConfig":
         """32x32 images -> 4x4 = 16 codes of 64; for tests."""
         return cls(embed_dim=8, n_embed=64, z_channels=8, resolution=32, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+
+    @classmethod
+    def shapes(cls) -> "VQGANConfig":
+        """Chameleon's input and code grid (512 px -> 32x32 = 1024 codes of 8192) with narrow layers."""
+        return cls(embed_dim=8, n_embed=8192, z_channels=32, resolution=512, ch=32, ch_mult=(1, 1, 2, 2, 2),
+                   num_res_blocks=1)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "VQGANConfig":
@@ -200,22 +210,15 @@ class VQGAN(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-def to_pixels(images: np.ndarray, size: int) -> torch.Tensor:
-    """[B, H, W, 3] uint8 -> [B, 3, size, size] float in [-1, 1]: shortest side to `size` (Lanczos),
-    centre crop, as Chameleon's image tokenizer does."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {images.shape}")
-    if images.shape[1:3] != (size, size):
-        images = np.stack([_square(Image.fromarray(im), size) for im in images])
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def chameleon_policy(size: int = 512) -> ImagePolicy:
+    """Chameleon's image tokenizer: shortest side to `size` (LANCZOS), centre crop."""
+    return ImagePolicy(kind="center_crop", size=size, resample="lanczos")
 
 
-def _square(img: Image.Image, size: int) -> np.ndarray:
-    scale = size / min(img.size)
-    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.LANCZOS)
-    x0, y0 = (img.width - size) // 2, (img.height - size) // 2
-    return np.asarray(img.crop((x0, y0, x0 + size, y0 + size)))
+def to_pixels(images, policy: ImagePolicy) -> torch.Tensor:
+    """Images (any sizes / modes) -> [B, 3, S, S] float in [-1, 1] through `policy`."""
+    batch = policy.apply_batch(images)
+    return torch.tensor(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # a copy: policy outputs may be read-only
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -225,14 +228,16 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 
 class VQGANTokenizer:
-    """`ImageTokenizer` over a frozen `VQGAN`; codes are raw codebook indices (no vocabulary offset)."""
+    """`ImageTokenizer` over a frozen `VQGAN`; codes are raw codebook indices (no vocabulary offset). `policy`
+    (Chameleon's crop by default; the liquid backend sets its padding recipe) turns any image into the input."""
 
-    def __init__(self, vqgan: VQGAN, batch_size: int = 8):
+    def __init__(self, vqgan: VQGAN, batch_size: int = 8, policy: ImagePolicy | None = None):
         self.vqgan = vqgan.eval().requires_grad_(False)  # frozen explicitly: .eval() alone keeps requires_grad
         self.batch_size = batch_size
         self.codebook_size = vqgan.cfg.n_embed
         self.tokens_per_image = vqgan.cfg.grid ** 2
         self.image_size = vqgan.cfg.resolution
+        self.policy = policy or chameleon_policy(self.image_size)
 
     @property
     def device(self) -> torch.device:
@@ -242,16 +247,21 @@ class VQGANTokenizer:
         self.vqgan.to(device)
         return self
 
-    def _chunks(self, images: np.ndarray):
+    def _chunks(self, images):
         for i in range(0, len(images), self.batch_size):
-            yield to_pixels(images[i: i + self.batch_size], self.image_size).to(self.device)
+            yield to_pixels(images[i: i + self.batch_size], self.policy).to(self.device, self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vqgan.parameters()).dtype
 
     @torch.inference_mode()
-    def encode(self, images: np.ndarray) -> torch.Tensor:
-        return torch.cat([self.vqgan.encode(x).cpu() for x in self._chunks(images)])
+    def encode(self, images) -> torch.Tensor:
+        out = [self.vqgan.encode(x).cpu() for x in self._chunks(images)]
+        return torch.cat(out) if out else torch.zeros((0, self.tokens_per_image), dtype=torch.long)
 
     @torch.inference_mode()
-    def features(self, images: np.ndarray) -> torch.Tensor:
+    def features(self, images) -> torch.Tensor:
         out = [self.vqgan.features(x).flatten(2).transpose(1, 2).float().cpu() for x in self._chunks(images)]
         return torch.cat(out)
 
@@ -271,8 +281,9 @@ class VQGANTokenizer:
         return cls(VQGAN(cfg or VQGANConfig.tiny()))
 
     @classmethod
-    def load(cls, path: str | Path) -> "VQGANTokenizer":
-        """From a directory with vqgan.yaml + vqgan.safetensors or vqgan.ckpt (or the yaml's own path)."""
+    def load(cls, path: str | Path, policy: ImagePolicy | None = None) -> "VQGANTokenizer":
+        """From a directory with vqgan.yaml + vqgan.safetensors (or a vqgan.ckpt that loads with
+        `weights_only=True`; a Lightning checkpoint needs `dynboot convert-vqgan` once), or the yaml's path."""
         path = Path(path)
         folder = path.parent if path.suffix == ".yaml" else path
         cfg_file = path if path.suffix == ".yaml" else folder / YAML_NAME
@@ -283,7 +294,7 @@ class VQGANTokenizer:
         missing, _ = vq.load_state_dict(state, strict=False)
         if missing:
             raise ValueError(f"{folder}: VQ-GAN weights lack {len(missing)} parameters, e.g. {missing[:3]}")
-        return cls(vq)
+        return cls(vq, policy=policy)
 
     @classmethod
     def from_chameleon(cls, vqmodel: nn.Module) -> "VQGANTokenizer":
@@ -317,7 +328,9 @@ def locate_vqgan(candidates: list) -> Path | None:
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """VQ-GAN weights from vqgan.safetensors, else the released Lightning vqgan.ckpt (its `state_dict`)."""
+    """VQ-GAN weights from vqgan.safetensors, else from vqgan.ckpt loaded with `weights_only=True` (tensors and
+    plain containers only: nothing in the file can run code). A checkpoint that needs more than that is never
+    unpickled here; `dynboot convert-vqgan` converts a trusted one once, with an explicit allow-list."""
     if (folder / SAFETENSORS_NAME).is_file():
         return load_file(str(folder / SAFETENSORS_NAME))
     ckpt = folder / CKPT_NAME
@@ -325,9 +338,23 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{folder}: no {SAFETENSORS_NAME} or {CKPT_NAME}")
     try:
         raw = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # Lightning checkpoints may pickle hyper-parameter objects
-        warnings.warn(f"{ckpt}: not loadable with weights_only=True ({type(err).__name__}); loading it as a full "
-                      "pickle because it is a local file you supplied")
-        raw = torch.load(ckpt, map_location="cpu", weights_only=False)
-    state = raw.get("state_dict", raw)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{ckpt} is not a plain tensor checkpoint (it pickles Python objects: {_first_line(err)}); "
+                         f"it is never unpickled on load. If it is the trusted Chameleon/Anole release, convert it "
+                         f"once: `dynboot convert-vqgan ckpt={ckpt}` (writes {SAFETENSORS_NAME} beside it)") from None
+    return _weights(raw)
+
+
+def _weights(raw) -> dict[str, torch.Tensor]:
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("not a VQ-GAN checkpoint: expected a state dict of tensors (under 'state_dict')")
     return {k: v for k, v in state.items() if not k.startswith("loss.")}
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err)
+    for line in text.splitlines():
+        if "Unsupported" in line or "GLOBAL" in line:
+            return line.strip()
+    return text.splitlines()[0] if text else type(err).__name__

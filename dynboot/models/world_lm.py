@@ -15,7 +15,8 @@ Inductive biases of the *tiny backend* (not of the method), each measured in the
   With it, copying is free and what the FDP learns is which cells the action changes and into what.
 
 It is a `LlamaForCausalLM` subclass registered with the Auto classes, so `save_pretrained` /
-`from_pretrained(local_files_only=True)`, PEFT LoRA and DeepSpeed treat it like any HF causal LM.
+`from_pretrained(local_files_only=True)`, PEFT LoRA, DeepSpeed and activation checkpointing treat it like any
+HF causal LM; its forward reads only the requested positions (`readouts=`, heads.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from dynboot.models.heads import ReadoutMixin, make_selective
 
 
 class WorldLMConfig(LlamaConfig):
@@ -38,7 +41,7 @@ class WorldLMConfig(LlamaConfig):
         super().__init__(**kwargs)
 
 
-class WorldLM(LlamaForCausalLM):
+class WorldLM(ReadoutMixin, LlamaForCausalLM):
     config_class = WorldLMConfig
 
     def __init__(self, config: WorldLMConfig):
@@ -52,8 +55,9 @@ class WorldLM(LlamaForCausalLM):
         # 0 = none, 1 + code = the before image's code at the cell this input predicts (FDP)
         self.before_embed = nn.Embedding(config.codebook_size + 1, h) if config.before_embeddings else None
         self.post_init()
+        make_selective(self.lm_head)
 
-    def forward(self, input_ids=None, cell_ids=None, diff_flags=None, before_codes=None, inputs_embeds=None, **kwargs):
+    def backbone(self, input_ids=None, cell_ids=None, diff_flags=None, before_codes=None, inputs_embeds=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         if cell_ids is not None and self.row_embed is not None:
@@ -67,7 +71,7 @@ class WorldLM(LlamaForCausalLM):
             inputs_embeds = inputs_embeds + self.diff_embed(diff_flags)
         if before_codes is not None and self.before_embed is not None:
             inputs_embeds = inputs_embeds + self.before_embed(before_codes)
-        return super().forward(inputs_embeds=inputs_embeds, **kwargs)
+        return self.model(inputs_embeds=inputs_embeds, **kwargs)
 
 
 AutoConfig.register(WorldLMConfig.model_type, WorldLMConfig, exist_ok=True)
