@@ -261,7 +261,7 @@ def _summary(cfg: RelabelConfig, progress: Progress, reg: dict[str, Any], totals
         "pairs_written": progress.pairs, "partitions_written": len(progress.partitions), "files_written": progress.files,
         "pairs_per_s": round(progress.pairs / wall, 2) if todo else 0.0, "wall_s": round(wall, 2),
         "first_commit_s": round(progress.first_commit_s, 2) if progress.first_commit_s is not None else None,
-        "stage_s": {"bookkeeping": reg.get("bookkeeping_s"), **{k: round(v, 3) for k, v in progress.stage_s.items()}},
+        "stage_s": {"bookkeeping": reg.get("bookkeeping_s"), "registry_start": reg.get("registry_start_s"), **{k: round(v, 3) for k, v in progress.stage_s.items()}},
         "recovered_partitions": reg.get("recovered_partitions", 0), "index_segments": progress.segments,
         "videos_total": totals.get("videos_ok", 0), "pairs_total": totals.get("pairs", 0),
         "quarantine_total": totals.get("videos_quarantined", 0), "by_reason_total": totals.get("by_reason", {}),
