@@ -130,6 +130,7 @@ def test_rerun_does_nothing(reference, idp, small_world):
         run_relabel(_cfg(small_world / "videos", out, idp, keyframes={"min_still": 4}))
 
 
+@pytest.mark.slow  # a relabel run or two on a real cluster: ~30-100 s on 2 shared cores
 def test_resume_after_the_job_is_killed_mid_run(cluster, reference, idp, small_world, tmp_path):
     """SIGKILL the driver once some partitions are committed; the rerun finishes the rest: same rows, each once,
     and the files of partitions the killed run had not committed are gone."""
@@ -181,6 +182,7 @@ def _kill_when(ledger_dir: Path, stage: str, video: str | None, times: int, kill
     return thread
 
 
+@pytest.mark.slow  # a relabel run or two on a real cluster: ~30-100 s on 2 shared cores
 def test_idp_actor_killed_mid_run_restarts_and_completes(reference, idp, small_world, tmp_path):
     out, killed = tmp_path / "run", []
     watcher = _kill_when(out / "attempts", "label", None, times=1, killed=killed)
@@ -191,6 +193,7 @@ def test_idp_actor_killed_mid_run_restarts_and_completes(reference, idp, small_w
     _same_rows(_rows(out), reference[2])
 
 
+@pytest.mark.slow  # a relabel run or two on a real cluster: ~30-100 s on 2 shared cores
 def test_a_device_error_restarts_the_actor_and_the_batch_is_retried(reference, idp, small_world, tmp_path):
     """The first IDP call raises a CUDA device-side assert (fault_injection): the actor exits instead of failing
     every later video; Ray restarts it, the culprit batch is retried, and every video is labelled."""
@@ -201,6 +204,7 @@ def test_a_device_error_restarts_the_actor_and_the_batch_is_retried(reference, i
     _same_rows(_rows(out), reference[2])
 
 
+@pytest.mark.slow  # a relabel run or two on a real cluster: ~30-100 s on 2 shared cores
 def test_every_bad_input_is_recorded_with_its_reason_and_a_crashing_video_is_retried_a_bounded_number_of_times(
         cluster, idp, small_world, tmp_path):
     videos = tmp_path / "videos"

@@ -23,6 +23,8 @@ from dynboot.pairs import read_pairs
 from jobs.filter import FilterConfig, run as run_filter
 from jobs.relabel import RelabelConfig, run as run_relabel
 
+pytestmark = pytest.mark.slow  # relabel runs on a real cluster against the S3 server: minutes on 2 shared cores
+
 ODD = {"moving things/clip #1.mp4": 0, "moving things/vidéo 2.mp4": 1, "静止/クリップ 3.mp4": 2, "静止/q?x=1.mp4": 3}
 
 
