@@ -152,7 +152,7 @@ def _prepare(cfg: BenchConfig, bucket: str) -> tuple[str, list[str], int, tuple]
         uri = f"{bucket}/world/{p.name}"
         storage.write_bytes(uri, p.read_bytes())
         uris.append(uri)
-        kf = video_keyframes(str(p), KeyframeConfig(), 40)
+        kf = video_keyframes(str(p), KeyframeConfig(strategy="stills"), 40)  # the world's key states
         before += [decode_image(kf.images[a]) for a, _ in kf.pairs]
         after += [decode_image(kf.images[b]) for _, b in kf.pairs]
     model = TinyWorldModel.create(WorldSpec(), size=cfg.tiny_size).save(out / f"idp_{cfg.tiny_size}")
@@ -182,7 +182,7 @@ def real_footage_cpu_s_per_pair() -> dict[str, float] | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     data = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
-    cfg, out = KeyframeConfig(strategy="peaks", k=6, min_gap=20, chunk=64), {}
+    cfg, out = KeyframeConfig(strategy="peaks", k=6, min_gap=20), {}
     for name in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"):
         t0 = time.process_time()
         kf = video_keyframes(str(data / name), cfg, 512)
@@ -261,7 +261,8 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                                     batch_size=cfg.batch_size, videos_per_batch=cfg.videos_per_batch,
                                     videos_per_task=cfg.videos_per_task, idp_threads=cfg.idp_threads,
                                     idp_cpus=cfg.idp_cpus, decode_cpus=cfg.decode_cpus, write_cpus=cfg.write_cpus,
-                                    rows_per_file=cfg.rows_per_file, pairs_per_video=pairs_per_video, progress_s=30)
+                                    rows_per_file=cfg.rows_per_file, pairs_per_video=pairs_per_video, progress_s=30,
+                                    keyframes={"strategy": "stills"})
                 sampler = MemorySampler(gcs, cfg.sample_s, s3.proc.pid)
                 sampler.start()
                 t0 = time.time()

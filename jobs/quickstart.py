@@ -134,7 +134,8 @@ def run(cfg: QuickstartConfig) -> dict:
 
         if not _done(relabel):
             relabel_run(RelabelConfig(videos=str(world / "videos"), out=str(relabel), model_path=str(idp / "model"),
-                                      backend="", idp_cpus=1.0, batch_size=64, videos_per_batch=16))
+                                      backend="", idp_cpus=1.0, batch_size=64, videos_per_batch=16,
+                                      keyframes={"strategy": "stills"}))  # the world's key states are its stills
         if not _done(filt):
             filter_run(FilterConfig(shards=str(relabel), out=str(filt), mode="enable", min_score=cfg.min_score, top_k=0))
         times["relabel"] = time.time() - t

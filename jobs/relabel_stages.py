@@ -29,6 +29,7 @@ import pyarrow as pa
 from dynboot import storage
 from dynboot.keyframes import video_keyframes
 from dynboot.pairs import make_row, to_table
+from dynboot.video import VideoFault
 from dynboot.partitions import commit_partition, partition_id
 from jobs.relabel_ledger import Ledger
 
@@ -44,7 +45,8 @@ VIDEO_SCHEMA = pa.schema([  # stages 2 -> 3 -> 4: one row per video
     ("error_class", pa.string()), ("error", pa.string()), ("attempts", pa.int64()),
     ("frame_a", pa.list_(pa.int64())), ("frame_b", pa.list_(pa.int64())), ("before", pa.list_(pa.binary())),
     ("after", pa.list_(pa.binary())), ("actions", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
-    ("model_id", pa.string()), ("info", pa.string()), ("decode_s", pa.float64()), ("label_s", pa.float64()),
+    ("model_id", pa.string()), ("info", pa.string()),  # info: JSON list, each pair's key-frame provenance
+    ("decode_s", pa.float64()), ("label_s", pa.float64()),
 ])
 RESULT_SCHEMA = pa.schema([  # stage 4 -> driver: one small row per video, with the commit it went into
     ("video_id", pa.string()), ("status", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
@@ -56,23 +58,12 @@ _PAIR_LISTS = ("frame_a", "frame_b", "before", "after", "actions", "scores")
 _CUDA_WORDS = ("cuda", "device-side assert", "cublas", "cudnn", "nccl")
 
 
-class VideoProblem(ValueError):
-    """A video's own fault found here (not by the decoder), with its reason."""
-
-    def __init__(self, reason: Reason, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 def fault_reason(err: BaseException) -> Reason:
     """The quarantine reason of a permanent decode failure."""
-    reason = getattr(err, "reason", None)  # VideoProblem here, and dynboot.video's typed faults, carry their own
-    if reason:
-        return reason
+    if isinstance(err, VideoFault):  # empty_file, unreadable, too_short, no_keyframes, too_large
+        return err.reason
     if isinstance(err, FileNotFoundError):
         return "missing"
-    if "decodable frame" in str(err) and "at least" in str(err):
-        return "too_short"
     if isinstance(err, MemoryError):
         return "too_large"
     return "unreadable"
@@ -103,7 +94,7 @@ def worker_crashed(row: dict[str, Any], stage: str, last: dict[str, Any]) -> dic
 def _video_row(item: dict[str, Any]) -> dict[str, Any]:
     return {"video_id": item["video_id"], "path": item["path"], "dataset": item["dataset"], "label": item["label"],
             "meta": item["meta"], "status": "ok", "stage": "", "reason": "", "error_class": "", "error": "",
-            "attempts": 0, **{k: [] for k in _PAIR_LISTS}, "model_id": "", "info": "{}", "decode_s": 0.0,
+            "attempts": 0, **{k: [] for k in _PAIR_LISTS}, "model_id": "", "info": "[]", "decode_s": 0.0,
             "label_s": 0.0}
 
 
@@ -114,13 +105,10 @@ def _decode_one(item: dict[str, Any], cfg: RelabelConfig) -> dict[str, Any]:
         return quarantined(row, "manifest", reason, message=item["error"])
     tries = 0
 
-    def fetch_and_decode():
+    def fetch_and_decode():  # an object is fetched to a local temp file first; I/O errors propagate as OSErrors
         nonlocal tries
         tries += 1
-        with storage.local_copy(item["path"]) as local:  # decoders read local files; objects are fetched
-            if os.path.getsize(local) == 0:
-                raise VideoProblem("empty_file", f"{item['path']}: empty file (0 bytes)")
-            return video_keyframes(local, cfg.keyframes, cfg.image_size)
+        return video_keyframes(item["path"], cfg.keyframes, cfg.image_size)
 
     t0 = time.perf_counter()
     try:
@@ -129,16 +117,14 @@ def _decode_one(item: dict[str, Any], cfg: RelabelConfig) -> dict[str, Any]:
         row = retry_later(row, "decode", err, tries) if storage.is_transient(err) else \
             quarantined(row, "decode", fault_reason(err), err, tries)
     else:
-        if not kf.pairs:  # a video with no pair is recorded with its reason, never counted as done silently
+        if not kf.pairs:  # never counted as done silently (video_keyframes raises no_keyframes itself: a safety net)
             row = quarantined(row, "decode", "no_keyframes", attempts=tries, message=(
                 f"no_keyframes: {len(kf.indices)} key frame(s) in {kf.frames} frames ({cfg.keyframes.strategy}): "
                 "no pair to label"))
         else:
             row |= {"frame_a": [a for a, _ in kf.pairs], "frame_b": [b for _, b in kf.pairs],
                     "before": [kf.images[a] for a, _ in kf.pairs], "after": [kf.images[b] for _, b in kf.pairs],
-                    "attempts": tries,
-                    "info": json.dumps({"decoder": kf.decoder, "frames": kf.frames, "frame_hw": list(kf.size),
-                                        "keyframes": kf.indices, "motion": kf.motion})}
+                    "attempts": tries, "info": json.dumps([kf.pair_provenance(a, b) for a, b in kf.pairs])}
     row["decode_s"] = time.perf_counter() - t0
     return row
 
@@ -239,15 +225,10 @@ class IDPLabeler:
 
 # ---- stage 4: commit partitions (CPU tasks) -----------------------------------------------------------------
 def _pair_rows(row: dict[str, Any], cfg: RelabelConfig) -> list[dict[str, Any]]:
-    info = json.loads(row["info"])
-    motion = info.get("motion", {})
-    base = {"path": row["path"], "decoder": info.get("decoder"), "frames": info.get("frames"),
-            "strategy": cfg.keyframes.strategy, "image_size": cfg.image_size, "job": "relabel",
-            "meta": json.loads(row["meta"] or "{}")}
+    base = {"path": row["path"], "image_size": cfg.image_size, "job": "relabel", "meta": json.loads(row["meta"] or "{}")}
     return [make_row(row["video_id"], a, b, before, after, action, "pseudo", row["model_id"], score,
-                     provenance={**base, "motion": [motion.get(str(a)), motion.get(str(b))]},
-                     dataset=row["dataset"], label=row["label"])
-            for a, b, before, after, action, score in zip(*(row[k] for k in _PAIR_LISTS))]
+                     provenance={**base, **pair}, dataset=row["dataset"], label=row["label"])
+            for a, b, before, after, action, score, pair in zip(*(row[k] for k in _PAIR_LISTS), json.loads(row["info"]))]
 
 
 def _groups(rows: list[dict[str, Any]], rows_per_file: int) -> list[list[dict[str, Any]]]:

@@ -5,13 +5,18 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dynboot.images import decode_image, encode_png
-from dynboot.keyframes import (KeyframeConfig, extract_keyframes, fit_square, motion_scores, select_peaks,
+from dynboot.images import ImagePolicy
+from dynboot.keyframes import (KeyframeConfig, consecutive_pairs, extract_keyframes, motion_track, select_peaks,
                                select_stills, video_keyframes)
 from dynboot.pairs import make_row, to_table
 from dynboot.pseudo_labels import pseudo_label_accuracy
-from dynboot.video import VideoError, read_video
+from dynboot.video import VideoFault, read_video, write_video
+
+STILLS = KeyframeConfig(strategy="stills")  # the world's strategy: its relabel runs set it
 
 
 def _truth(world):
@@ -25,7 +30,7 @@ def _segment_of(segments, frame):
 def test_stills_recover_every_key_state_of_the_world(small_world):
     """One key frame inside each held key state, in order: consecutive stills are exactly the true pairs."""
     for t in _truth(small_world):
-        kf = video_keyframes(str(small_world / "videos" / f"{t['video_id']}.mp4"), KeyframeConfig(), image_size=40)
+        kf = video_keyframes(str(small_world / "videos" / f"{t['video_id']}.mp4"), STILLS, 40)
         assert kf.decoder == "decord"
         assert [_segment_of(t["segments"], i) for i in kf.indices] == list(range(len(t["segments"])))
         assert len(kf.pairs) == len(t["actions"])
@@ -35,14 +40,19 @@ def test_stills_recover_every_key_state_of_the_world(small_world):
 
 
 def test_streaming_decode_matches_whole_video_decode(small_world):
-    """Chunks shorter than the video (chunk=5) give the same motion, key frames and images."""
+    """Chunks shorter than the video (chunk=5), either decoder, give the same motion, key frames and images as
+    the frames decoded whole (40 px world frames are their own thumbnails)."""
     path = small_world / "videos" / "ep000003.mp4"
     frames, _ = read_video(path)
     for strategy in ("stills", "peaks"):
-        cfg = KeyframeConfig(strategy=strategy, chunk=5, k=4, min_gap=10)
-        streamed, whole = video_keyframes(str(path), cfg, 40), extract_keyframes(frames, cfg, 40)
-        assert streamed.indices == whole.indices and streamed.images == whole.images
-        assert streamed.motion == whole.motion and streamed.frames == len(frames)
+        whole = extract_keyframes(frames, KeyframeConfig(strategy=strategy, k=4, min_gap=10), 40)
+        assert len(whole.pairs) >= 1
+        for decoder in ("decord", "pyav"):
+            cfg = KeyframeConfig(strategy=strategy, chunk=5, k=4, min_gap=10, decoder=decoder)
+            streamed = video_keyframes(str(path), cfg, 40)
+            assert streamed.decoder == decoder and streamed.frames == len(frames)
+            assert streamed.indices == whole.indices and streamed.images == whole.images
+            assert streamed.motion == whole.motion
 
 
 def test_motion_ignores_scattered_noise_and_sees_a_moving_square():
@@ -52,11 +62,11 @@ def test_motion_ignores_scattered_noise_and_sees_a_moving_square():
     for t in range(6):  # codec-like noise: a few single pixels moved by up to 40 levels
         ys, xs = rng.integers(0, 32, 4), rng.integers(0, 32, 4)
         noisy[t, ys, xs] = 160
-    assert motion_scores(noisy).max() == 0
+    assert motion_track(noisy, STILLS).motion.max() == 0
     moving = base.copy()
     for t in range(6):
         moving[t, 8:16, 4 * t:4 * t + 8] = (220, 40, 40)
-    m = motion_scores(moving)
+    m = motion_track(moving, STILLS).motion
     assert m[0] == 0 and (m[1:] > 0.01).all()
 
 
@@ -64,9 +74,53 @@ def test_select_peaks_top_k_with_min_gap_sorted_and_deterministic():
     motion = np.zeros(100)
     motion[[10, 12, 50, 51, 90, 30]] = [5, 9, 7, 7, 3, 1]
     assert select_peaks(motion, k=3, min_gap=20) == [12, 50, 90]  # 10 is too close to 12; 51 ties 50, loses
-    # then 30 is too close to 12; of the still frames (earliest first) only 70 is 20 away from every key frame
-    assert select_peaks(motion, k=6, min_gap=20) == [12, 50, 70, 90]
+    # then 30 is too close to 12; frames without motion are never key frames
+    assert select_peaks(motion, k=6, min_gap=20) == [12, 50, 90]
     assert select_peaks(motion, k=4, min_gap=1) == [10, 12, 50, 51]
+    assert select_peaks(motion, k=6, min_gap=20, min_motion=4) == [12, 50]  # 90 (3) and 30 (1) are too still
+    # a frame with no other candidate min_gap away would block its shot: passed over (7 here, in a 15-frame clip)
+    short = np.array([0, 3, 2, 2, 2, 2, 2, 9, 2, 2, 2, 2, 2, 2, 4.0])
+    assert select_peaks(short, k=6, min_gap=8) == [1, 14]
+
+
+def test_select_peaks_within_shots_and_pairs_never_across_a_cut():
+    motion = np.zeros(100)
+    motion[[5, 30, 45, 62, 70, 95]] = [8, 6, 9, 7, 5, 4]
+    shots = np.repeat([0, 1, 2], [40, 20, 40])  # cuts at 40 and 60
+    # shot 1 (40-59) has a single candidate, 45, which can pair with nothing: never taken, though it moves most.
+    # In shot 2, 70 is too close to 62; the gap holds within a shot only (30 and 62 need not be 20 apart)
+    keys = select_peaks(motion, k=6, min_gap=20, shots=shots)
+    assert keys == [5, 30, 62, 95]
+    assert consecutive_pairs(keys, shots) == [(5, 30), (62, 95)]
+    assert consecutive_pairs([5, 30, 45], shots) == [(5, 30)] and consecutive_pairs([5, 30, 45]) == [(5, 30), (30, 45)]
+    # k=2 and 3: once 5 opens shot 0, 62 may not open shot 2, since that would leave no room to complete both
+    assert select_peaks(motion, k=2, min_gap=20, shots=shots) == [5, 30]
+    assert select_peaks(motion, k=3, min_gap=20, shots=shots) == [5, 30]
+    assert select_peaks(motion, k=5, min_gap=5, shots=shots) == [5, 30, 62, 70, 95]  # k=5: shot 2 gets a third
+    assert select_peaks(motion, k=6, min_gap=50, shots=shots) == []  # no shot holds two frames 50 apart
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 5), min_size=1, max_size=120), st.lists(st.integers(1, 119), max_size=6),
+       st.integers(2, 8), st.integers(1, 30), st.floats(0, 2))
+def test_select_peaks_properties(motion, cuts, k, gap, min_motion):
+    """Any motion, cuts, k and gap: at most k key frames, sorted, each moving more than min_motion; every shot
+    chosen from holds at least two of them min_gap apart, so every key frame is in a pair."""
+    motion = np.asarray(motion)
+    starts = np.zeros(len(motion), np.int64)
+    starts[[c for c in cuts if c < len(motion)]] = 1
+    shots = np.cumsum(starts)
+    keys = select_peaks(motion, k, gap, shots, min_motion)
+    assert keys == sorted(set(keys)) and len(keys) <= k and all(motion[t] > min_motion for t in keys)
+    for s in {int(shots[t]) for t in keys}:
+        mine = [t for t in keys if shots[t] == s]
+        assert len(mine) >= 2 and all(b - a >= gap for a, b in zip(mine, mine[1:]))
+    pairs = consecutive_pairs(keys, shots)
+    assert {t for p in pairs for t in p} == set(keys)
+    if not keys:  # nothing chosen only when no shot has two candidates gap apart (or k allows no pair)
+        for s in set(shots.tolist()):
+            cand = [t for t in range(len(motion)) if shots[t] == s and motion[t] > min_motion]
+            assert not cand or cand[-1] - cand[0] < gap
 
 
 def test_select_stills_middle_of_long_still_runs():
@@ -78,28 +132,27 @@ def test_select_stills_middle_of_long_still_runs():
     assert select_stills(motion, min_still=3, threshold=0.002, max_keyframes=1) == [1]
 
 
-def test_fit_square_keeps_exact_size_and_centre_crops_others():
-    frame = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
-    assert fit_square(frame, 40) is frame
-    wide = np.zeros((20, 60, 3), np.uint8)
-    wide[:, 20:40] = 255  # the centre square is white, the sides black
-    out = fit_square(wide, 10)
-    assert out.shape == (10, 10, 3) and out.min() == 255
-
-
-def test_bad_files_raise_video_error_and_damaged_ones_are_salvaged(tmp_path, small_world):
+def test_bad_files_raise_typed_faults_and_damaged_ones_are_salvaged(tmp_path, small_world):
     src = (small_world / "videos" / "ep000000.mp4").read_bytes()
     (tmp_path / "zero.mp4").write_bytes(b"")
     (tmp_path / "truncated.mp4").write_bytes(src[: len(src) // 2])
     (tmp_path / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
     (tmp_path / "image.mp4").write_bytes(encode_png(np.zeros((40, 40, 3), np.uint8)))
-    for name in ("zero", "truncated", "garbage", "image"):
-        with pytest.raises(VideoError):
-            video_keyframes(str(tmp_path / f"{name}.mp4"), KeyframeConfig(), 40)
+    write_video(tmp_path / "one.mp4", np.zeros((1, 40, 40, 3), np.uint8))
+    write_video(tmp_path / "still.mp4", np.full((30, 40, 40, 3), 128, np.uint8))
+    expected = {"zero": "empty_file", "truncated": "unreadable", "garbage": "unreadable", "image": "too_short",
+                "one": "too_short", "still": "no_keyframes"}
+    for name, reason in expected.items():
+        with pytest.raises(VideoFault) as fault:
+            video_keyframes(str(tmp_path / f"{name}.mp4"), STILLS, 40)
+        assert fault.value.reason == reason, (name, str(fault.value))
+        assert str(tmp_path / f"{name}.mp4") in fault.value.msg  # the message names the file
+    with pytest.raises(FileNotFoundError):  # a storage error, not the video's fault: callers retry it
+        video_keyframes(str(tmp_path / "missing.mp4"), STILLS, 40)
     damaged = bytearray(src)
     damaged[len(src) // 2: len(src) // 2 + 1000] = bytes(1000)
     (tmp_path / "zeroed.mp4").write_bytes(bytes(damaged))
-    kf = video_keyframes(str(tmp_path / "zeroed.mp4"), KeyframeConfig(), 40)
+    kf = video_keyframes(str(tmp_path / "zeroed.mp4"), STILLS, 40)
     assert kf.decoder == "pyav" and len(kf.pairs) >= 1
 
 

@@ -173,7 +173,8 @@ def relabel_config(videos: str, out: str, model: str, cluster):
     # once the other is gone (whole CPUs deadlock a small cluster: reference/ray_feasibility.md).
     return RelabelConfig(videos=videos, out=out, model_path=model, batch_size=8, videos_per_batch=1, min_actors=1,
                          max_actors=2, idp_cpus=0.5, decode_cpus=0.5, write_cpus=0.25, videos_per_task=2,
-                         rows_per_file=16, pairs_per_video=8, progress_s=60, ray_address=cluster.address)
+                         rows_per_file=16, pairs_per_video=8, progress_s=60, ray_address=cluster.address,
+                         keyframes={"strategy": "stills"})  # the world's key states are its stills
 
 
 def committed_partitions(out: str) -> int:

@@ -54,7 +54,8 @@ def idp(tmp_path_factory) -> Path:
 
 def _cfg(videos, out, idp, **kw) -> RelabelConfig:
     kw = {"batch_size": 8, "videos_per_batch": 1, "decode_cpus": 1.0, "progress_s": 60, "rows_per_file": 16,
-          "pairs_per_video": 8, **kw}  # 2 world videos a file: several partitions from 12 videos
+          "pairs_per_video": 8, "keyframes": {"strategy": "stills"}, **kw}  # the world's key states are its stills;
+    # 16 pairs a file = 2 world videos: several partitions from 12 videos
     return RelabelConfig(videos=str(videos), out=str(out), model_path=str(idp), **kw)
 
 
@@ -103,7 +104,7 @@ def test_relabel_commits_partitions_of_many_videos_and_a_summary(reference, smal
     assert r["model_id"].startswith("tiny:") and np.isfinite(r["score"]) and r["action"]
     assert r["dataset"] == small_world.name and r["label"] == ""  # the world manifest names no class
     prov = json.loads(r["provenance"])
-    assert prov["decoder"] == "decord" and prov["meta"]["fps"] > 0  # the manifest's other columns travel
+    assert prov["decoder"] == "decord" and prov["strategy"] == "stills" and prov["meta"]["fps"] > 0  # + the manifest's columns
 
 
 def test_parquet_images_round_trip_bit_exact(reference, small_world):
@@ -127,7 +128,7 @@ def test_rerun_does_nothing(reference, idp, small_world):
     assert summary["skipped_done"] == 12 and summary["videos_todo"] == 0 and summary["pairs_total"] == 96
     assert {p: p.stat().st_mtime_ns for p in _files(out, "shards")} == before
     with pytest.raises(ConfigChanged, match="keyframes.min_still"):  # a change of what is computed is not
-        run_relabel(_cfg(small_world / "videos", out, idp, keyframes={"min_still": 4}))
+        run_relabel(_cfg(small_world / "videos", out, idp, keyframes={"strategy": "stills", "min_still": 4}))
 
 
 @pytest.mark.slow  # a relabel run or two on a real cluster: ~30-100 s on 2 shared cores
@@ -137,7 +138,7 @@ def test_resume_after_the_job_is_killed_mid_run(cluster, reference, idp, small_w
     out = tmp_path / "run"
     args = [sys.executable, "-m", "jobs.relabel", f"videos={small_world / 'videos'}", f"out={out}",
             f"model_path={idp}", "batch_size=8", "videos_per_batch=1", "decode_cpus=1.0", "rows_per_file=16",
-            "pairs_per_video=8", "progress_s=60", f"ray_address={cluster}"]
+            "pairs_per_video=8", "progress_s=60", f"ray_address={cluster}", "keyframes.strategy=stills"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300

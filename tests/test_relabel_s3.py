@@ -69,7 +69,7 @@ def store(s3_server, proxy):
 
 def _cfg(videos, out, model, **kw) -> RelabelConfig:
     kw = {"batch_size": 8, "videos_per_batch": 1, "decode_cpus": 1.0, "progress_s": 60, "rows_per_file": 16,
-          "pairs_per_video": 8, "io_attempts": 2, "io_backoff_s": 0.1, **kw}
+          "pairs_per_video": 8, "io_attempts": 2, "io_backoff_s": 0.1, "keyframes": {"strategy": "stills"}, **kw}
     return RelabelConfig(videos=str(videos), out=str(out), model_path=str(model), **kw)
 
 
@@ -127,7 +127,7 @@ def test_real_footage_in_class_folders_gives_labelled_pairs(cluster, idp, store,
         storage.write_bytes(f"{store}/clips/{rel}", (data / name).read_bytes())
     out = f"{store}/runs/clips"
     summary = run_relabel(_cfg(f"{store}/clips", out, idp, pairs_per_video=3,
-                               keyframes={"strategy": "peaks", "k": 4, "min_gap": 10, "chunk": 32}))
+                               keyframes={"strategy": "peaks", "k": 4, "min_gap": 10}))
     assert summary["videos_done"] + summary["videos_quarantined"] == 3 and summary["videos_retry_later"] == 0
     rows = read_pairs(out).to_pylist()
     assert rows and summary["pairs_written"] == len(rows)
