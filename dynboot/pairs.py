@@ -9,6 +9,12 @@
     model_id    IDP that wrote the label ("" for gold)
     score       IDP mean per-token log-prob of the action (NaN for gold)
     provenance  JSON string: where the pair came from (path, decoder, key-frame scores, job...)
+    dataset     the data set the pair comes from (a manifest's `dataset`, the input root's name, a gold set's name)
+    label       the source video's class ("" when it has none): what the filter stratifies by
+
+Files written before `dataset` / `label` existed read with both as "". `read_pairs` reads what
+`dynboot.partitions.committed_files` lists: the committed files of a relabel / filter run, never a file that
+a killed job left half-done.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dynboot import storage
 from dynboot.aurora import read_aurora
+from dynboot.partitions import committed_files
 from dynboot.images import decode_image, encode_png, load_image
 
 if TYPE_CHECKING:  # imported where used: torch (via models.base) would slow every Ray worker that writes rows
@@ -40,6 +49,8 @@ PAIR_SCHEMA = pa.schema([
     pa.field("model_id", pa.string(), nullable=False),
     pa.field("score", pa.float32(), nullable=False),
     pa.field("provenance", pa.string(), nullable=False),
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("label", pa.string(), nullable=False),
 ])
 COLUMNS = PAIR_SCHEMA.names
 
@@ -49,13 +60,15 @@ def pair_id(video_id: str, frame_a: int, frame_b: int) -> str:
 
 
 def make_row(video_id: str, frame_a: int, frame_b: int, before: bytes | np.ndarray, after: bytes | np.ndarray,
-             action: str, source: str, model_id: str = "", score: float = math.nan, provenance: dict | None = None) -> dict[str, Any]:
+             action: str, source: str, model_id: str = "", score: float = math.nan, provenance: dict | None = None,
+             dataset: str = "", label: str = "") -> dict[str, Any]:
     if source not in ("gold", "pseudo"):
         raise ValueError(f"source must be 'gold' or 'pseudo', not {source!r}")
     enc = lambda x: x if isinstance(x, (bytes, bytearray)) else encode_png(x)  # noqa: E731
     return {"id": pair_id(video_id, frame_a, frame_b), "video_id": video_id, "frame_a": int(frame_a),
             "frame_b": int(frame_b), "before": bytes(enc(before)), "after": bytes(enc(after)), "action": action,
-            "source": source, "model_id": model_id, "score": float(score), "provenance": json.dumps(provenance or {})}
+            "source": source, "model_id": model_id, "score": float(score), "provenance": json.dumps(provenance or {}),
+            "dataset": dataset, "label": label}
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -87,13 +100,27 @@ def row_to_example(row: dict[str, Any]) -> Example:
     return Example(before, after, row["action"], meta)
 
 
-def read_pairs(path: str | Path) -> pa.Table:
-    """All pair rows under a shard directory or file (hidden and temp files are skipped)."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+def conform(table: pa.Table) -> pa.Table:
+    """`table` in PAIR_SCHEMA: columns a file predates (`dataset`, `label`) filled with ""."""
+    for name in ("dataset", "label"):
+        if name in table.column_names and table.column(name).null_count:
+            i = table.column_names.index(name)
+            table = table.set_column(i, name, pc.fill_null(table.column(name), ""))
+    return table
+
+
+def read_pairs(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All pair rows of a relabel / filter run (its committed files), a shard directory or one file, local or a
+    URI (see dynboot.partitions.committed_files)."""
+    files = committed_files(str(path))
+    schema = PAIR_SCHEMA if columns is None else pa.schema([PAIR_SCHEMA.field(c) for c in columns])
     if not files:
-        return PAIR_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=PAIR_SCHEMA) for f in files])
+        return schema.empty_table()
+    tables = []
+    for f in files:
+        fs, inner = storage.resolve(f)
+        tables.append(conform(pq.read_table(inner, filesystem=fs, schema=schema)))
+    return pa.concat_tables(tables)
 
 
 def gold_rows(aurora_json: str | Path, name: str | None = None) -> Iterator[dict[str, Any]]:
@@ -110,7 +137,7 @@ def gold_rows(aurora_json: str | Path, name: str | None = None) -> Iterator[dict
         except OSError as err:
             raise ValueError(f"{aurora_json} record {rec.index}: {err}") from None
         yield make_row(name, rec.index, rec.index, before, after, rec.instruction, "gold",
-                       provenance={"file": str(aurora_json), "index": rec.index, "task": rec.task})
+                       provenance={"file": str(aurora_json), "index": rec.index, "task": rec.task}, dataset=name)
 
 
 def load_examples(aurora_json: str | Path, limit: int | None = None) -> list[Example]:

@@ -20,20 +20,18 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from dynboot import storage
+from dynboot.partitions import committed_files
+
 __all__ = ["pseudo_label_accuracy", "shard_files", "load_truth"]
 
 
-def shard_files(path: str | Path) -> list[Path]:
-    """Parquet shards under a relabel/filter run directory (its `shards/`), a shard directory, or one file;
-    hidden and temporary files are skipped."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if (path / "shards").is_dir():
-        path = path / "shards"
-    if not path.is_dir():
+def shard_files(path: str | Path) -> list[str]:
+    """The Parquet files of a relabel/filter run directory (its committed files), a shard directory, or one file
+    (dynboot.partitions.committed_files); local paths or URIs."""
+    if not storage.exists(str(path)):
         raise FileNotFoundError(f"{path}: no such shard directory or Parquet file")
-    return sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    return committed_files(str(path))
 
 
 def load_truth(truth_jsonl: str | Path) -> dict[str, dict[str, Any]]:
@@ -71,7 +69,8 @@ def pseudo_label_accuracy(shards_dir: str | Path, truth_jsonl: str | Path) -> di
     covered: set[tuple[str, int]] = set()
     per_type: dict[str, dict[str, int]] = defaultdict(lambda: {"matched": 0, "correct": 0})
     for f in shard_files(shards_dir):
-        table = pq.read_table(f, columns=["video_id", "frame_a", "frame_b", "action"])
+        fs, inner = storage.resolve(f)
+        table = pq.read_table(inner, filesystem=fs, columns=["video_id", "frame_a", "frame_b", "action"])
         for vid, a, b, action in zip(*(table.column(c).to_pylist() for c in ("video_id", "frame_a", "frame_b", "action"))):
             pairs += 1
             t = truth.get(vid)

@@ -332,6 +332,7 @@ _TRANSIENT_WORDS = (  # as pyarrow's S3/GCS errors and socket errors spell them
     "service unavailable", "internal_failure", "internalerror", "request_timeout", "expired_token", "expiredtoken",
     "token has expired", "requesttimetooskewed", "curlcode", "temporarily", "try again",
     "http 429", "http 500", "http 502", "http 503", "http 504", "status code: 5", "status code 5",
+    "http status 429", "http status 500", "http status 502", "http status 503", "http status 504",  # pyarrow's S3
 )
 _PERMANENT_TYPES = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
                     UnicodeError)

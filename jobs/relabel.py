@@ -1,67 +1,70 @@
-"""`dynboot relabel`: unlabelled videos -> key-frame pairs -> IDP pseudo labels -> Parquet shards, on Ray Data.
+"""`dynboot relabel`: unlabelled videos -> key-frame pairs -> IDP pseudo labels -> committed Parquet partitions,
+on Ray Data. Every path is a URI: videos=, out= and model_path= may be local or s3:// gs:// file://.
 
     dynboot relabel jobs/configs/relabel.yaml model_path=runs/idp/model
     python -m jobs.relabel jobs/configs/relabel.yaml videos=runs/world/videos out=runs/relabel
     ray job submit --working-dir . -- python -m jobs.relabel jobs/configs/relabel.yaml \
-        videos=s3://bucket/videos/ out=/shared/relabel model_path=/shared/idp backend=anole \
-        image_size=512 idp_gpus=1 max_actors=8 batch_size=16
+        videos=s3://bucket/ucf101/ out=s3://bucket/runs/relabel model_path=s3://bucket/models/idp backend=anole \
+        image_size=512 idp_gpus=1 max_actors=8 batch_size=16 keyframes.strategy=peaks pairs_per_video=5
 
 Pipeline (one row = one video from stage 2 to stage 4, its pairs held in list columns):
-  1 manifest  driver      a directory (its manifest.jsonl, else a recursive glob), a list file, a manifest.jsonl,
-                          or URIs through pyarrow filesystems; videos with a shard or a quarantine row are skipped
-  2 decode    CPU tasks   decord (PyAV fallback), key frames, resize to the IDP's input size, PNG
-  3 label     actor pool  IDP caption + mean action log-prob, `batch_size` pairs per forward call
-  4 write     CPU tasks   one Parquet shard per video (PAIR_SCHEMA), or a quarantine row, published atomically
+  1 manifest  Ray Data tasks  the manifest / list / directory listing, read in parallel; a registry actor on the
+                              driver's node drops what the commit records say is done (jobs/relabel_manifest.py)
+  2 decode    CPU tasks       fetch (retried on transient I/O errors), decord (PyAV fallback), key frames, PNG
+  3 label     actor pool      IDP caption + mean action log-prob, `batch_size` pairs per forward call
+  4 commit    CPU tasks       partitions of about `rows_per_file` pairs: Parquet file + quarantine rows + commit
+                              record (dynboot/partitions.py); one small result row per video to the driver
+The driver only counts result rows and compacts their commit records into index segments as they arrive.
 
-Run directory: config.yaml, shards/<video_id>.parquet, quarantine/<video_id>.json ({video_id, path, error,
-stage}), summary.json, metrics.jsonl (progress), stats.txt (Ray Data per-operator stats), attempts/ (in-flight
-ledger). One job per run directory at a time.
+Run directory (`out`): config.yaml, shards/<part>.parquet (PAIR_SCHEMA, with `dataset` and `label`),
+quarantine/<part>.jsonl ({video_id, path, stage, reason, error_class, error, attempts}), commits/ (records,
+index segments, intents), summary.json, metrics.jsonl, stats.txt, attempts/ (the ledger, jobs/relabel_ledger.py).
+One job per run directory at a time (`RunDir.open`: a lock, and a rerun's config checked against config.yaml).
 
-Resume: a rerun skips every video with a shard or a quarantine row (`retry_quarantined=true` retries the
-latter); shards are published whole (temp file + rename) and their rows are deterministic, so a killed and
-rerun job writes the same rows as an uninterrupted one, without duplicates.
-
-Faults: every UDF catches its exceptions and turns them into a quarantine row: a bad file never fails the
-job. A native crash or out-of-memory kill takes the worker process down instead, and Ray retries such tasks
-forever (ray_feasibility.md §2). The attempt ledger bounds that: a stage records `attempts/<video>.<stage>.json`
-before working on a video and deletes it after; a file still there when the video comes back means the
-worker died on it, and after `max_attempts` deaths the video is quarantined without being touched again.
-An actor batch that follows a crash runs one video at a time, so only the culprit is charged.
+Outcomes: a video ends as pair rows (ok), a quarantine row with its reason (its own fault, for good), or
+`retry_later` (I/O that stayed down: counted in the summary, committed nowhere, taken again by the next run).
+Reruns cost O(work left): the commit records say what is done; a killed job loses only partitions in flight.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import Counter
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-import pyarrow.parquet as pq
 from pydantic import Field
 
-from dynboot.config import Config, save_config
+from dynboot import partitions, storage
+from dynboot.config import Config
 from dynboot.keyframes import KeyframeConfig
-from dynboot.manifest import build_manifest
-from dynboot.rundir import RunDir
+from dynboot.ray_session import ray_session
+from dynboot.rundir import ResumeMode, RunDir
+from jobs.relabel_manifest import read_manifest, start_registry
 from jobs.relabel_stages import IDPLabeler, decode_stage, write_stage
 
 
 class RelabelConfig(Config):
     """dynboot relabel: pseudo-label unlabelled videos with an IDP on Ray Data (see jobs/relabel.py)."""
 
-    videos: str = Field("runs/world/videos", description="Input: a directory (its manifest.jsonl, else every video "
-                        "under it), a list file (a path or URI a line), a manifest.jsonl, or a URI (s3://, gs://, file://).")
-    extensions: list[str] = Field([".mp4", ".avi", ".mov", ".mkv", ".webm"], description="Video files a directory glob picks.")
-    out: str = Field("runs/relabel", description="Run directory (local or shared filesystem).")
-    model_path: str = Field("runs/idp/model", description="IDP checkpoint directory.")
+    rerun_may_change: ClassVar[frozenset[str]] = frozenset({
+        "ray_address", "num_cpus", "progress_s", "min_actors", "max_actors", "idp_cpus", "idp_gpus", "idp_threads",
+        "decode_cpus", "write_cpus", "videos_per_task", "videos_per_batch", "batch_size", "rows_per_file",
+        "pairs_per_video", "max_attempts", "io_attempts", "io_backoff_s", "max_errored_blocks", "retry_quarantined",
+        "compact_every", "fault_injection"})
+
+    videos: str = Field("runs/world/videos", description="Input, local or a URI (s3://, gs://, file://): a directory "
+                        "(its manifest.jsonl, else every video under it; <class>/<video> folders give labels), a "
+                        "JSONL or Parquet manifest ({path, video_id?, label?, dataset?, ...}), or a list file.")
+    extensions: list[str] = Field([".mp4", ".avi", ".mov", ".mkv", ".webm"], description="Video files a directory listing picks.")
+    out: str = Field("runs/relabel", description="Run directory, local or a URI (s3://bucket/run): workers write there.")
+    model_path: str = Field("runs/idp/model", description="IDP checkpoint directory, local or a URI (fetched once per node).")
     backend: str = Field("tiny", description="Model backend ('' = read it from the checkpoint).")
     image_size: int = Field(0, ge=0, description="Side of the frames given to the IDP (0 = the model's input size, "
                             "read by loading the model once in the driver; set it for large models).")
     keyframes: KeyframeConfig = Field(default_factory=KeyframeConfig, description="Key-frame selection.")
-    batch_size: int = Field(32, ge=1, description="Pairs per IDP forward call.")
+    batch_size: int = Field(32, ge=1, description="Pairs per IDP forward call (fewer when the model states a token budget).")
     videos_per_batch: int = Field(4, ge=1, description="Videos per actor call; their pairs run batch_size at a time, "
                                   "so make it about batch_size / pairs per video (the world: 8 pairs).")
     min_actors: int = Field(1, ge=1, description="IDP actor pool: fewest actors.")
@@ -70,81 +73,71 @@ class RelabelConfig(Config):
     idp_gpus: float = Field(0.0, ge=0, description="GPUs per IDP actor (> 0 runs the model on CUDA).")
     idp_threads: int = Field(1, ge=1, description="torch threads per IDP actor (CPU inference).")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs reserved per decode task (decord decodes on one thread).")
-    write_cpus: float = Field(0.25, gt=0, description="CPUs reserved per write task.")
+    write_cpus: float = Field(0.25, gt=0, description="CPUs reserved per commit task.")
     videos_per_task: int = Field(8, ge=1, description="Videos per decode task: fewer, longer tasks spend less on Ray's "
                                  "per-task overhead; more, shorter ones spread over more CPUs.")
-    max_attempts: int = Field(2, ge=1, description="Worker deaths on one video before it is quarantined.")
+    rows_per_file: int = Field(160, ge=1, description="Pairs per Parquet file (whole videos; a partition is committed "
+                               "as one). 160 gives ~80-256 MB files of 512^2 PNG pairs (0.5-1.6 MB a pair), the size "
+                               "object stores and Parquet readers like; the world's 40^2 pairs are ~1 KB each.")
+    pairs_per_video: int = Field(5, ge=1, description="Expected pairs per video, to size commit tasks: each takes "
+                                 "rows_per_file / pairs_per_video videos (the paper's 6 key frames give 5; the world 8).")
+    max_attempts: int = Field(2, ge=1, description="Worker deaths on one video before it is quarantined (worker_crashed).")
+    io_attempts: int = Field(4, ge=1, description="Tries of a video fetch on transient I/O errors (exponential back-off) "
+                             "before the video is reported retry_later.")
+    io_backoff_s: float = Field(0.5, ge=0, description="First back-off of those retries (doubling each time).")
     max_errored_blocks: int = Field(10, ge=0, description="Ray Data blocks that may fail outright before the job "
                                     "aborts; their videos are reported as lost and retried by a rerun.")
-    retry_quarantined: bool = Field(False, description="Retry videos that have a quarantine row.")
+    retry_quarantined: bool = Field(False, description="Retry videos whose latest commit quarantined them.")
+    compact_every: int = Field(2000, ge=1, description="Videos per commit-index segment the driver writes as results "
+                               "arrive (a rerun reads segments, not one record per partition).")
+    resume: ResumeMode = Field("auto", description="auto: continue a run with the same config; force: continue "
+                               "despite config changes; off: set the old run aside (local run directories).")
     ray_address: str = Field("", description="Ray cluster to join ('' = RAY_ADDRESS or a new local cluster).")
     num_cpus: int = Field(0, ge=0, description="Logical CPUs of a new local cluster (0 = all cores).")
     progress_s: float = Field(5.0, gt=0, description="Seconds between progress lines.")
-
-
+    fault_injection: Literal["", "cuda_once"] = Field("", description="Tests only: cuda_once makes the first IDP "
+                                                      "call raise a CUDA device-side assert (once per run directory).")
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
-def finished_ids(out: str | Path, retry_quarantined: bool = False) -> set[str]:
-    """Videos a rerun skips: those with a published shard (and a quarantine row, unless retried)."""
-    out = Path(out)
-    done = {p.stem for p in (out / "shards").glob("*.parquet") if not p.name.startswith(".")}
-    if not retry_quarantined:
-        done |= {p.stem for p in (out / "quarantine").glob("*.json")}
-    return done
-
-
 def _prepare(cfg: RelabelConfig) -> RelabelConfig:
     """Resolve the IDP's input size (loading the model once also checks model_path before any Ray work)."""
     if cfg.image_size:
         return cfg
     from dynboot.models.registry import load_model
 
-    model = load_model(cfg.model_path, cfg.backend or None)
+    model = load_model(storage.local_model_dir(cfg.model_path), cfg.backend or None)
     return cfg.model_copy(update={"image_size": int(model.tokenizer.image_size)})
 
 
-def _start_ray(cfg: RelabelConfig) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray_address or None)
-    else:
-        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False)
-    return True
-
-
-def build_dataset(todo: list[dict[str, Any]], cfg: RelabelConfig):
+def build_dataset(cfg: RelabelConfig, registry):
     """The numbered pipeline; resources beside each stage."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = cfg.max_errored_blocks  # safety net only: every UDF catches its own errors
-    # 1 manifest: videos_per_task videos per block, so per decode task: a task costs Ray a few ms, a world video
-    #   takes ~20 ms to decode, so one video per task would spend more CPU on scheduling than on decoding.
-    ds = ray.data.from_items(todo, override_num_blocks=math.ceil(len(todo) / cfg.videos_per_task))
+    # 1 manifest: read by Ray Data tasks, claimed against the commit records, cut into blocks of videos_per_task
+    #   videos: a task costs Ray a few ms and a world video ~20 ms to decode, so one per task would waste CPU.
+    ds = read_manifest(cfg.videos, cfg.extensions, registry, cfg.videos_per_task)
     # 2 decode: CPU tasks with a fraction of a CPU each (decord runs one thread), so decoding keeps up with the
     #   IDP and never takes the CPU an actor needs (with whole CPUs, 2-core machines deadlock). Resources unlike
     #   stage 3's keep the two unfused: crashes stay in tasks and decoders scale apart from the model.
     #   max_retries bounds Ray's default of retrying crashed tasks forever (a deprecated ray_remote_arg that
     #   has no named replacement in Ray 2.60); the ledger quarantines each crashing video before it runs out.
-    ds = ds.map_batches(decode_stage, batch_size=1, batch_format="pyarrow", fn_kwargs={"cfg": cfg},
-                        num_cpus=cfg.decode_cpus, max_retries=cfg.max_attempts * cfg.videos_per_task + 1)
+    ds = ds.map_batches(decode_stage, batch_size=cfg.videos_per_task, batch_format="pyarrow", fn_kwargs={"cfg": cfg},
+                        num_cpus=cfg.decode_cpus, max_retries=2 * cfg.max_attempts * cfg.videos_per_task + 2)
     # 3 label: the IDP in a stateful actor pool (loaded once per actor); idp_cpus / idp_gpus per actor, e.g. one
-    #   GPU each on a cluster. Actors restart forever after a crash (Ray's default); the ledger bounds that.
+    #   GPU each on a cluster. Actors restart after a crash (Ray's default), a device error included.
     ds = ds.map_batches(IDPLabeler, batch_size=cfg.videos_per_batch, batch_format="pyarrow",
                         fn_constructor_kwargs={"cfg": cfg},
                         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
                         num_cpus=cfg.idp_cpus, num_gpus=cfg.idp_gpus)
-    # 4 write: small CPU tasks; a shard is a few PNGs already encoded, so writing is cheap and stays off the actors.
-    return ds.map_batches(write_stage, batch_size=None, batch_format="pyarrow", fn_kwargs={"cfg": cfg},
+    # 4 commit: small CPU tasks of about rows_per_file pairs each (PNGs already encoded: writing is cheap and
+    #   stays off the actors). We write partitions ourselves rather than with Ray Data's write_parquet: each
+    #   needs its commit record (which videos, which files), written last, for exactly-once reruns.
+    videos_per_file = max(1, math.ceil(cfg.rows_per_file / cfg.pairs_per_video))
+    return ds.map_batches(write_stage, batch_size=videos_per_file, batch_format="pyarrow", fn_kwargs={"cfg": cfg},
                           num_cpus=cfg.write_cpus)
-
-
-def _count_pairs(out: Path) -> int:
-    return sum(pq.read_metadata(p).num_rows for p in (out / "shards").glob("*.parquet") if not p.name.startswith("."))
 
 
 def _warn_if_starved(cfg: RelabelConfig) -> None:
@@ -157,79 +150,125 @@ def _warn_if_starved(cfg: RelabelConfig) -> None:
               flush=True)
 
 
+_INDEX_KEYS = ("video_id", "status", "pairs", "reason", "stage", "partition", "data_file", "quarantine_file",
+               "committed_at")
+
+
 class Progress:
-    """Counts the result rows as they stream in; a line (and a metrics.jsonl row) every `every_s` seconds."""
+    """Counts result rows as they stream in (a line and a metrics row every `every_s`), and compacts their commit
+    records into index segments every `compact_every` committed videos."""
 
-    def __init__(self, rd: RunDir, total: int, every_s: float):
-        self.rd, self.total, self.every_s = rd, total, every_s
-        self.counts, self.by_stage, self.stage_s, self.seen = Counter(), Counter(), Counter(), set()
-        self.pairs, self.t0, self.last = 0, time.time(), 0.0
+    def __init__(self, rd: RunDir, every_s: float, compact_every: int):
+        self.rd, self.every_s, self.compact_every = rd, every_s, compact_every
+        self.counts, self.by_reason, self.by_stage, self.stage_s = Counter(), Counter(), Counter(), Counter()
+        self.errors: list[dict[str, Any]] = []
+        self.pairs, self.partitions, self.files, self.t0, self.last = 0, set(), 0, time.time(), 0.0
+        self.pending: list[dict[str, Any]] = []
+        self.segments = 0
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.first_commit_s: float | None = None
 
-    def add(self, row: dict[str, Any]) -> None:
-        self.seen.add(row["video_id"])
-        self.counts[row["status"]] += 1
-        self.pairs += row["pairs"]
-        self.stage_s.update({k: row[k] for k in ("decode_s", "label_s", "write_s")})
-        if row["status"] != "ok":
-            self.by_stage[row["stage"]] += 1
-            print(f"[relabel] {row['status']} {row['video_id']} ({row['stage']}): {row['error'][:300]}", flush=True)
-        if time.time() - self.last >= self.every_s or len(self.seen) == self.total:
-            self.last, rate = time.time(), self.pairs / max(time.time() - self.t0, 1e-9)
-            self.rd.log(videos=len(self.seen), done=self.counts["ok"], quarantined=self.counts["quarantined"],
-                        pairs=self.pairs, pairs_per_s=round(rate, 2))
-            print(f"[relabel] {len(self.seen)}/{self.total} videos ({self.counts['ok']} done, "
-                  f"{self.counts['quarantined']} quarantined) {self.pairs} pairs, {rate:.1f} pairs/s", flush=True)
+    def add(self, batch) -> None:
+        for row in batch.to_pylist():
+            status = row["status"]
+            self.counts[status] += 1
+            self.pairs += row["pairs"]
+            self.stage_s.update({k: row[k] for k in ("decode_s", "label_s", "write_s")})
+            if status == "quarantined":
+                self.by_reason[row["reason"]] += 1
+            if status != "ok":
+                self.by_stage[f"{status}:{row['stage']}"] += 1
+                if len(self.errors) < 50:
+                    self.errors.append({k: row[k] for k in ("video_id", "status", "stage", "reason", "error")})
+                print(f"[relabel] {status} {row['video_id']} ({row['stage']}{', ' + row['reason'] if row['reason'] else ''}): "
+                      f"{row['error'][:300]}", flush=True)
+            if row["partition"]:
+                if row["partition"] not in self.partitions and row["data_file"]:
+                    self.files += 1
+                self.partitions.add(row["partition"])
+                self.pending.append({k: row[k] for k in _INDEX_KEYS})
+                if self.first_commit_s is None:
+                    self.first_commit_s = time.time() - self.t0
+        if len(self.pending) >= self.compact_every:
+            self.compact()
+        if time.time() - self.last >= self.every_s:
+            self.report()
+
+    def compact(self) -> None:
+        if self.pending:
+            partitions.compact(self.rd.uri_root, self.pending, f"{self.stamp}-{self.segments:05d}")
+            self.segments += 1
+            self.pending = []
+
+    def report(self) -> None:
+        self.last, rate = time.time(), self.pairs / max(time.time() - self.t0, 1e-9)
+        self.rd.log(videos=sum(self.counts.values()), done=self.counts["ok"], quarantined=self.counts["quarantined"],
+                    retry_later=self.counts["retry_later"], pairs=self.pairs, pairs_per_s=round(rate, 2))
+        print(f"[relabel] {sum(self.counts.values())} videos ({self.counts['ok']} done, {self.counts['quarantined']} "
+              f"quarantined, {self.counts['retry_later']} to retry later) {self.pairs} pairs, {rate:.1f} pairs/s", flush=True)
 
 
 def run(cfg: RelabelConfig) -> dict[str, Any]:
     t_start = time.time()
-    rd = RunDir(cfg.out)
-    cfg = _prepare(cfg)
-    save_config(cfg, rd.root)
-    items = build_manifest(cfg.videos, cfg.extensions)  # stage 1
-    done = finished_ids(rd.root, cfg.retry_quarantined)
-    todo = [it for it in items if it["video_id"] not in done]
-    for stale in [*rd.path("attempts").glob("*.json"), *rd.shards.glob(".*.tmp")]:
-        stale.unlink()  # ledgers count deaths within one run; temp files are shards a killed run never published
-    t_manifest = time.time() - t_start
-    print(f"[relabel] {len(items)} videos, {len(items) - len(todo)} already done, {len(todo)} to do -> {rd.root}", flush=True)
-    progress, stats, error = Progress(rd, len(todo), cfg.progress_s), "", None
-    if todo:
-        import ray
+    with RunDir(cfg.out).open(cfg, resume=cfg.resume, set_aside=("shards", "quarantine", "commits", "attempts")) as rd:
+        partitions.mark_dataset(rd.uri_root)
+        # workers run in other directories (other nodes): every local path made absolute here
+        cfg = _prepare(cfg).model_copy(update={"out": rd.uri_root, "videos": storage.absolute(cfg.videos),
+                                               "model_path": storage.absolute(cfg.model_path)})
+        progress, stats, error, reg = Progress(rd, cfg.progress_s, cfg.compact_every), "", None, {}
+        with ray_session(cfg.ray_address, cfg.num_cpus):
+            import ray
 
-        started = _start_ray(cfg)
-        try:
-            _warn_if_starved(cfg)
-            ds = build_dataset(todo, cfg)
-            for row in ds.iter_rows():
-                progress.add(row)
-            stats = ds.stats()
-        except Exception as err:  # e.g. more errored blocks than allowed: the summary still says what was done
-            error = err
-        finally:
-            if started:
-                ray.shutdown()
-    wall = time.time() - progress.t0
-    (rd.root / "stats.txt").write_text(stats or "")
-    counts, lost = progress.counts, sorted(it["video_id"] for it in todo if it["video_id"] not in progress.seen)
-    summary = {
-        "videos_seen": len(items), "skipped_done": len(items) - len(todo), "videos_todo": len(todo),
-        "videos_done": counts["ok"], "videos_quarantined": counts["quarantined"], "write_failed": counts["failed"],
-        "quarantined_by_stage": dict(progress.by_stage), "videos_lost": len(lost), "lost": lost[:100],
-        "pairs_written": progress.pairs, "pairs_per_s": round(progress.pairs / wall, 2) if todo else 0.0,
-        "wall_s": round(wall, 2),
-        "stage_s": {"manifest_wall": round(t_manifest, 3), **{k: round(v, 3) for k, v in progress.stage_s.items()}},
-        "shards_total": len(finished_ids(rd.root, retry_quarantined=True)), "pairs_total": _count_pairs(rd.root),
-        "quarantine_total": len(list(rd.quarantine.glob("*.json"))), "image_size": cfg.image_size,
-        "model_path": cfg.model_path, "total_s": round(time.time() - t_start, 2),
-        "error": f"{type(error).__name__}: {error}" if error else None,
-    }
-    rd.write_summary(summary)
-    keys = ("videos_done", "videos_quarantined", "videos_lost", "pairs_written", "pairs_per_s")
+            storage.delete_dir(rd.uri("attempts"))  # the ledger counts deaths within one run
+            registry = start_registry(rd.uri_root, cfg.retry_quarantined)
+            try:
+                _warn_if_starved(cfg)
+                ds = build_dataset(cfg, registry)
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):  # whole commit-task outputs
+                    progress.add(batch)
+                stats = ds.stats()
+            except Exception as err:  # e.g. more errored blocks than allowed: the summary still says what was done
+                error = err
+            finally:
+                progress.compact()
+                reg = ray.get(registry.stats.remote())
+                after = ray.get(registry.totals_now.remote())
+                ray.kill(registry)
+        progress.report()
+        storage.write_text(rd.uri("stats.txt"), stats or "")
+        summary = _summary(cfg, progress, reg, after, t_start, error)
+        rd.write_summary(summary)
+    keys = ("videos_done", "videos_quarantined", "videos_retry_later", "videos_lost", "pairs_written", "pairs_per_s")
     print(f"[relabel] finished: {json.dumps({k: summary[k] for k in keys})}", flush=True)
+    if summary["videos_retry_later"] or summary["videos_lost"]:
+        print(f"[relabel] {summary['videos_retry_later'] + summary['videos_lost']} video(s) to retry: rerun the same "
+              "command", flush=True)
     if error:
         raise error
     return summary
+
+
+def _summary(cfg: RelabelConfig, progress: Progress, reg: dict[str, Any], totals: dict[str, Any], t_start: float,
+             error: BaseException | None) -> dict[str, Any]:
+    counts, wall = progress.counts, time.time() - progress.t0
+    todo = reg.get("todo", 0) + reg.get("duplicate_id", 0)
+    return {
+        "videos_listed": reg.get("listed", 0), "skipped_done": reg.get("done", 0),
+        "duplicates_dropped": reg.get("duplicate", 0), "videos_todo": todo,
+        "videos_done": counts["ok"], "videos_quarantined": counts["quarantined"],
+        "videos_retry_later": counts["retry_later"], "videos_lost": max(0, todo - sum(counts.values())),
+        "by_reason": dict(progress.by_reason), "by_stage": dict(progress.by_stage), "errors": progress.errors,
+        "pairs_written": progress.pairs, "partitions_written": len(progress.partitions), "files_written": progress.files,
+        "pairs_per_s": round(progress.pairs / wall, 2) if todo else 0.0, "wall_s": round(wall, 2),
+        "first_commit_s": round(progress.first_commit_s, 2) if progress.first_commit_s is not None else None,
+        "stage_s": {"bookkeeping": reg.get("bookkeeping_s"), "registry_start": reg.get("registry_start_s"), **{k: round(v, 3) for k, v in progress.stage_s.items()}},
+        "recovered_partitions": reg.get("recovered_partitions", 0), "index_segments": progress.segments,
+        "videos_total": totals.get("videos_ok", 0), "pairs_total": totals.get("pairs", 0),
+        "quarantine_total": totals.get("videos_quarantined", 0), "by_reason_total": totals.get("by_reason", {}),
+        "duplicate_commits": totals.get("ok_commits", 0) - totals.get("videos_ok", 0),
+        "image_size": cfg.image_size, "model_path": cfg.model_path, "total_s": round(time.time() - t_start, 2),
+        "error": f"{type(error).__name__}: {error}" if error else None,
+    }
 
 
 if __name__ == "__main__":

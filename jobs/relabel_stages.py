@@ -1,131 +1,151 @@
-"""The stages of the relabel job (jobs/relabel.py wires them into the Ray Data pipeline): what each one
-does to a video row, the row schemas between them, and the attempt ledger that bounds retries after crashes.
+"""The stages of the relabel job (jobs/relabel.py wires them into the Ray Data pipeline): what each one does to a
+video row, the row schemas between them, and how a failure becomes a status.
 
-A video row (VIDEO_SCHEMA) carries one video's pairs in list columns from stage 2 to stage 4; its `status` is
-"ok" or "quarantined" (then `stage` and `error` say where and why). Every stage catches its exceptions: a bad
-video becomes a quarantine row, never a failed task.
+A video row (VIDEO_SCHEMA) carries one video's pairs in list columns from stage 2 to stage 4. Its `status` says
+what became of it; every stage catches its exceptions, so a bad video never fails a task:
+  ok           pairs (at least one) to write
+  quarantined  the video's own fault, for good: `reason` names it (missing, empty_file, unreadable, too_short,
+               no_keyframes, too_large, bad_manifest_row, duplicate_id, worker_crashed, label_failed)
+  retry_later  an I/O or network error that outlived its retries (storage.is_transient): nothing is committed,
+               so the next run takes the video again
+Stage 4 commits ok and quarantined videos in partitions (dynboot.partitions) and returns RESULT_SCHEMA rows.
+
+Worker deaths (a native crash, an out-of-memory kill, an IDP actor that exits after a CUDA error) bypass
+`except`, and Ray retries such tasks (actors restart) by itself. The attempt ledger (jobs/relabel_ledger.py)
+bounds that: a batch that killed a worker is retried one video at a time, and a video that kills
+`max_attempts` workers is quarantined as `worker_crashed` without being touched again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
-import tempfile
+import sys
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from dynboot import storage
 from dynboot.keyframes import video_keyframes
 from dynboot.pairs import make_row, to_table
-from dynboot.rundir import atomic_write_bytes, write_json
+from dynboot.video import VideoFault
+from dynboot.partitions import commit_partition, partition_id
+from jobs.relabel_ledger import Ledger
 
 if TYPE_CHECKING:
     from jobs.relabel import RelabelConfig
 
+Status = Literal["ok", "quarantined", "retry_later"]
+Reason = Literal["missing", "empty_file", "unreadable", "too_short", "no_keyframes", "too_large", "bad_manifest_row",
+                 "duplicate_id", "worker_crashed", "label_failed"]
 VIDEO_SCHEMA = pa.schema([  # stages 2 -> 3 -> 4: one row per video
-    ("video_id", pa.string()), ("path", pa.string()), ("status", pa.string()), ("stage", pa.string()),
-    ("error", pa.string()), ("frame_a", pa.list_(pa.int64())), ("frame_b", pa.list_(pa.int64())),
-    ("before", pa.list_(pa.binary())), ("after", pa.list_(pa.binary())), ("actions", pa.list_(pa.string())),
-    ("scores", pa.list_(pa.float32())), ("model_id", pa.string()), ("info", pa.string()),
+    ("video_id", pa.string()), ("path", pa.string()), ("dataset", pa.string()), ("label", pa.string()),
+    ("meta", pa.string()), ("status", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+    ("error_class", pa.string()), ("error", pa.string()), ("attempts", pa.int64()),
+    ("frame_a", pa.list_(pa.int64())), ("frame_b", pa.list_(pa.int64())), ("before", pa.list_(pa.binary())),
+    ("after", pa.list_(pa.binary())), ("actions", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
+    ("model_id", pa.string()), ("info", pa.string()),  # info: JSON list, each pair's key-frame provenance
     ("decode_s", pa.float64()), ("label_s", pa.float64()),
 ])
-RESULT_SCHEMA = pa.schema([  # stage 4 -> driver: small rows, counted and logged as they arrive
-    ("video_id", pa.string()), ("status", pa.string()), ("stage", pa.string()), ("error", pa.string()),
-    ("pairs", pa.int64()), ("decode_s", pa.float64()), ("label_s", pa.float64()), ("write_s", pa.float64()),
+RESULT_SCHEMA = pa.schema([  # stage 4 -> driver: one small row per video, with the commit it went into
+    ("video_id", pa.string()), ("status", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+    ("error_class", pa.string()), ("error", pa.string()), ("attempts", pa.int64()), ("pairs", pa.int64()),
+    ("partition", pa.string()), ("data_file", pa.string()), ("quarantine_file", pa.string()),
+    ("committed_at", pa.float64()), ("decode_s", pa.float64()), ("label_s", pa.float64()), ("write_s", pa.float64()),
 ])
+_PAIR_LISTS = ("frame_a", "frame_b", "before", "after", "actions", "scores")
+_CUDA_WORDS = ("cuda", "device-side assert", "cublas", "cudnn", "nccl")
 
 
-# ---- attempt ledger: bounds Ray's unlimited retries after worker crashes ------------------------------------
-def _ledger(run: str, stage: str, video_id: str) -> Path:
-    return Path(run) / "attempts" / f"{video_id}.{stage}.json"
+def fault_reason(err: BaseException) -> Reason:
+    """The quarantine reason of a permanent decode failure."""
+    if isinstance(err, VideoFault):  # empty_file, unreadable, too_short, no_keyframes, too_large
+        return err.reason
+    if isinstance(err, FileNotFoundError):
+        return "missing"
+    if isinstance(err, MemoryError):
+        return "too_large"
+    return "unreadable"
 
 
-def _deaths(run: str, stage: str, video_id: str) -> dict[str, Any]:
-    path = _ledger(run, stage, video_id)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"attempts": 0}
+def _failed(row: dict[str, Any], status: Status, stage: str, err: BaseException | None, reason: str,
+            attempts: int, message: str = "") -> dict[str, Any]:
+    text = message or (f"{type(err).__name__}: {err}" if err is not None else reason)
+    return {**row, **{k: [] for k in _PAIR_LISTS}, "status": status, "stage": stage, "reason": reason,
+            "error_class": type(err).__name__ if err is not None else "", "error": text[:2000], "attempts": attempts}
 
 
-def _claim(run: str, stage: str, video_id: str) -> None:
-    died = _deaths(run, stage, video_id)["attempts"]
-    write_json(_ledger(run, stage, video_id), {"attempts": died + 1, "pid": os.getpid(), "host": socket.gethostname()})
+def quarantined(row, stage, reason, err=None, attempts=1, message=""):
+    return _failed(row, "quarantined", stage, err, reason, attempts, message)
 
 
-def _release(run: str, stage: str, video_id: str) -> None:
-    _ledger(run, stage, video_id).unlink(missing_ok=True)
+def retry_later(row, stage, err, attempts):
+    return _failed(row, "retry_later", stage, err, "", attempts)
 
 
-def _death_error(stage: str, last: dict[str, Any]) -> str:
-    return (f"WorkerCrashed: the {stage} worker died {last['attempts']} time(s) while processing this video "
-            f"(native crash or out-of-memory kill; last pid {last.get('pid')} on {last.get('host')}); not retried")
-
-
-def _quarantined(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
-    empty = {k: [] for k in ("frame_a", "frame_b", "before", "after", "actions", "scores")}
-    return {**row, **empty, "status": "quarantined", "stage": stage, "error": error[:2000]}
+def worker_crashed(row: dict[str, Any], stage: str, last: dict[str, Any]) -> dict[str, Any]:
+    return quarantined(row, stage, "worker_crashed", attempts=last["attempts"], message=(
+        f"WorkerCrashed: the {stage} worker died {last['attempts']} time(s) while processing this video (native "
+        f"crash, out-of-memory kill or device error; last pid {last.get('pid')} on {last.get('host')}); not retried"))
 
 
 # ---- stage 2: decode + key frames (CPU tasks) ---------------------------------------------------------------
-@contextlib.contextmanager
-def _local_file(path: str) -> Iterator[str]:
-    """A local path for `path`: itself, or a temp copy of a URI's object (decoders read local files)."""
-    if "://" not in path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no such file: {path}")
-        yield path
-        return
-    from pyarrow import fs as pafs
-
-    filesystem, inner = pafs.FileSystem.from_uri(path)
-    fd, tmp = tempfile.mkstemp(suffix=Path(inner).suffix, prefix="dynboot-video-")
-    try:
-        with os.fdopen(fd, "wb") as dst, filesystem.open_input_stream(inner) as src:
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
-        yield tmp
-    finally:
-        os.unlink(tmp)
+def _video_row(item: dict[str, Any]) -> dict[str, Any]:
+    return {"video_id": item["video_id"], "path": item["path"], "dataset": item["dataset"], "label": item["label"],
+            "meta": item["meta"], "status": "ok", "stage": "", "reason": "", "error_class": "", "error": "",
+            "attempts": 0, **{k: [] for k in _PAIR_LISTS}, "model_id": "", "info": "[]", "decode_s": 0.0,
+            "label_s": 0.0}
 
 
 def _decode_one(item: dict[str, Any], cfg: RelabelConfig) -> dict[str, Any]:
-    row = {"video_id": item["video_id"], "path": item["path"], "status": "ok", "stage": "", "error": "", "model_id": "",
-           "info": "{}", "decode_s": 0.0, "label_s": 0.0}
-    last = _deaths(cfg.out, "decode", row["video_id"])
-    if last["attempts"] >= cfg.max_attempts:
-        return _quarantined(row, "decode", _death_error("decode", last))
-    _claim(cfg.out, "decode", row["video_id"])
+    row = _video_row(item)
+    if item["error"]:  # a malformed manifest row, or an id another video holds
+        reason = "duplicate_id" if item["error"].startswith("duplicate_id") else "bad_manifest_row"
+        return quarantined(row, "manifest", reason, message=item["error"])
+    tries = 0
+
+    def fetch_and_decode():  # an object is fetched to a local temp file first; I/O errors propagate as OSErrors
+        nonlocal tries
+        tries += 1
+        return video_keyframes(item["path"], cfg.keyframes, cfg.image_size)
+
     t0 = time.perf_counter()
     try:
-        with _local_file(item["path"]) as local:
-            if os.path.getsize(local) == 0:
-                raise ValueError("empty file (0 bytes)")
-            kf = video_keyframes(local, cfg.keyframes, cfg.image_size)
-        row |= {"frame_a": [a for a, _ in kf.pairs], "frame_b": [b for _, b in kf.pairs],
-                "before": [kf.images[a] for a, _ in kf.pairs], "after": [kf.images[b] for _, b in kf.pairs],
-                "actions": [], "scores": [],
-                "info": json.dumps({"decoder": kf.decoder, "frames": kf.frames, "frame_hw": list(kf.size),
-                                    "keyframes": kf.indices, "motion": kf.motion})}
-    except Exception as err:  # any decoder / I/O failure is this video's, never the job's
-        row = _quarantined(row, "decode", f"{type(err).__name__}: {err}")
-    _release(cfg.out, "decode", row["video_id"])
+        kf = storage.retry(fetch_and_decode, attempts=cfg.io_attempts, base_s=cfg.io_backoff_s, what=item["path"])
+    except Exception as err:  # the video's own fault, or I/O that stayed down: never the job's
+        row = retry_later(row, "decode", err, tries) if storage.is_transient(err) else \
+            quarantined(row, "decode", fault_reason(err), err, tries)
+    else:
+        if not kf.pairs:  # never counted as done silently (video_keyframes raises no_keyframes itself: a safety net)
+            row = quarantined(row, "decode", "no_keyframes", attempts=tries, message=(
+                f"no_keyframes: {len(kf.indices)} key frame(s) in {kf.frames} frames ({cfg.keyframes.strategy}): "
+                "no pair to label"))
+        else:
+            row |= {"frame_a": [a for a, _ in kf.pairs], "frame_b": [b for _, b in kf.pairs],
+                    "before": [kf.images[a] for a, _ in kf.pairs], "after": [kf.images[b] for _, b in kf.pairs],
+                    "attempts": tries, "info": json.dumps([kf.pair_provenance(a, b) for a, b in kf.pairs])}
     row["decode_s"] = time.perf_counter() - t0
     return row
 
 
 def decode_stage(batch: pa.Table, cfg: RelabelConfig) -> pa.Table:
-    return pa.Table.from_pylist([_decode_one(item, cfg) for item in batch.to_pylist()], schema=VIDEO_SCHEMA)
+    ledger = Ledger(cfg.out, "decode", cfg.max_attempts)
+    rows = ledger.run(batch.to_pylist(), lambda items: [_decode_one(it, cfg) for it in items],
+                      crashed=lambda item, last: worker_crashed(_video_row(item), "decode", last))
+    return pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA)
 
 
 # ---- stage 3: IDP labelling (actor pool) --------------------------------------------------------------------
+def is_device_error(err: BaseException) -> bool:
+    """A CUDA / device error: the device context may be broken, so every later call on it would fail too."""
+    return isinstance(err, RuntimeError) and any(w in str(err).lower() for w in _CUDA_WORDS)
+
+
 class IDPLabeler:
-    """Stateful actor: loads the IDP once, then captions and scores the pairs of each batch of videos."""
+    """Stateful actor: loads the IDP once (a model on object storage is fetched once per node), then captions and
+    scores the pairs of each batch of videos. A device error ends the actor process: Ray restarts it on a fresh
+    context and retries the batch (one video at a time, so a culprit is found and charged)."""
 
     def __init__(self, cfg: RelabelConfig):
         import torch
@@ -134,7 +154,30 @@ class IDPLabeler:
 
         torch.set_num_threads(cfg.idp_threads)  # one actor = idp_threads cores; oversubscribing slows all stages
         self.cfg = cfg
-        self.model = load_model(cfg.model_path, cfg.backend or None, device="cuda" if cfg.idp_gpus > 0 else "cpu").eval()
+        self.model = load_model(storage.local_model_dir(cfg.model_path), cfg.backend or None,
+                                device="cuda" if cfg.idp_gpus > 0 else "cpu").eval()
+        self.ledger = Ledger(cfg.out, "label", cfg.max_attempts)
+
+    def _chunk(self) -> int:
+        """Pairs per forward: batch_size, or fewer when the model states a token budget (models with
+        `max_tokens` / `token_cost`)."""
+        budget, cost = getattr(self.model, "max_tokens", None), getattr(self.model, "token_cost", None)
+        if budget and callable(cost):
+            return max(1, min(self.cfg.batch_size, budget // max(1, cost("score"))))
+        return self.cfg.batch_size
+
+    def _caption_and_score(self, before, after) -> tuple[list[str], list[float]]:
+        if self.cfg.fault_injection == "cuda_once":
+            marker = storage.join(self.cfg.out, "_fault_cuda_once")
+            if not storage.exists(marker):
+                storage.write_text(marker, f"pid {os.getpid()}\n")
+                raise RuntimeError("CUDA error: device-side assert triggered (fault_injection=cuda_once)")
+        one_pass = getattr(self.model, "caption_scored", None)  # one forward per pair where the backend has it
+        if one_pass is not None:
+            captions, logp = one_pass(before, after)
+            return list(captions), [float(s) for s in logp]
+        captions = self.model.caption(before, after)
+        return captions, [float(s) for s in self.model.action_logprob(before, after, captions)]
 
     def _label(self, videos: list[dict[str, Any]]) -> None:
         import numpy as np
@@ -143,86 +186,91 @@ class IDPLabeler:
 
         before = [b for v in videos for b in v["before"]]
         after = [a for v in videos for a in v["after"]]
-        actions, scores, bs = [], [], self.cfg.batch_size
+        actions, scores, step = [], [], self._chunk()
         t0 = time.perf_counter()
-        for i in range(0, len(before), bs):
-            b = np.stack([decode_image(x) for x in before[i:i + bs]])
-            a = np.stack([decode_image(x) for x in after[i:i + bs]])
-            captions = self.model.caption(b, a)
+        for i in range(0, len(before), step):
+            b = np.stack([decode_image(x) for x in before[i:i + step]])
+            a = np.stack([decode_image(x) for x in after[i:i + step]])
+            captions, logp = self._caption_and_score(b, a)
             actions += captions
-            scores += [float(s) for s in self.model.action_logprob(b, a, captions)]
+            scores += logp
         per_pair = (time.perf_counter() - t0) / max(1, len(before))
         for v in videos:
             n = len(v["before"])
             v |= {"actions": actions[:n], "scores": scores[:n], "model_id": self.model.model_id, "label_s": per_pair * n}
             actions, scores = actions[n:], scores[n:]
 
-    def _label_group(self, videos: list[dict[str, Any]]) -> None:
+    def _label_group(self, videos: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Label `videos` together; a Python error retries them one by one, so one bad video is the only loss."""
-        run, error = self.cfg.out, None
-        for v in videos:
-            _claim(run, "label", v["video_id"])
         try:
             self._label(videos)
+            return videos
         except Exception as err:
-            error = err
-        for v in videos:
-            _release(run, "label", v["video_id"])
-        if error is not None and len(videos) == 1:
-            videos[0] |= _quarantined(videos[0], "label", f"{type(error).__name__}: {error}")
-        elif error is not None:
-            for v in videos:
-                self._label_group([v])
+            if is_device_error(err):
+                print(f"[relabel] IDP actor pid {os.getpid()}: {type(err).__name__}: {err}; exiting so that Ray "
+                      "restarts it on a fresh device context", file=sys.stderr, flush=True)
+                os._exit(3)  # a crash to Ray (exit_actor would be a deliberate exit: no restart); ledger stays claimed
+            if len(videos) == 1:
+                return [quarantined(videos[0], "label", "label_failed", err, videos[0]["attempts"])]
+            return [out for v in videos for out in self._label_group([v])]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        todo = []
-        for r in rows:
-            if r["status"] != "ok" or not r["before"]:
-                continue  # quarantined upstream, or a video without pairs: passes through to the writer
-            last = _deaths(self.cfg.out, "label", r["video_id"])
-            if last["attempts"] >= self.cfg.max_attempts:
-                r |= _quarantined(r, "label", _death_error("label", last))
-            else:
-                todo.append((r, last["attempts"]))
-        if any(died for _, died in todo):  # this batch killed a worker before: one video at a time finds the culprit
-            for r, _ in todo:
-                self._label_group([r])
-        elif todo:
-            self._label_group([r for r, _ in todo])
-        return pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA)
+        todo = [r for r in rows if r["status"] == "ok"]
+        labelled = {r["video_id"]: r for r in self.ledger.run(
+            todo, self._label_group, crashed=lambda r, last: worker_crashed(r, "label", last))}
+        out = [labelled.get(r["video_id"], r) if r["status"] == "ok" else r for r in rows]
+        return pa.Table.from_pylist(out, schema=VIDEO_SCHEMA)
 
 
-# ---- stage 4: write (CPU tasks) -----------------------------------------------------------------------------
-def _write_one(row: dict[str, Any], cfg: RelabelConfig) -> None:
-    run = Path(cfg.out)
-    if row["status"] != "ok":
-        write_json(run / "quarantine" / f"{row['video_id']}.json",
-                   {k: row[k] for k in ("video_id", "path", "error", "stage")})
-        return
-    info = json.loads(row["info"])
-    base = {"path": row["path"], "decoder": info.get("decoder"), "frames": info.get("frames"),
-            "strategy": cfg.keyframes.strategy, "image_size": cfg.image_size, "job": "relabel"}
-    motion = info.get("motion", {})
-    pairs = [make_row(row["video_id"], a, b, before, after, action, "pseudo", row["model_id"], score,
-                      provenance={**base, "motion": [motion.get(str(a)), motion.get(str(b))]})
-             for a, b, before, after, action, score in zip(row["frame_a"], row["frame_b"], row["before"], row["after"],
-                                                           row["actions"], row["scores"])]
-    buf = pa.BufferOutputStream()
-    pq.write_table(to_table(pairs), buf)
-    atomic_write_bytes(run / "shards" / f"{row['video_id']}.parquet", buf.getvalue().to_pybytes())
-    (run / "quarantine" / f"{row['video_id']}.json").unlink(missing_ok=True)  # a retried video that now passed
+# ---- stage 4: commit partitions (CPU tasks) -----------------------------------------------------------------
+def _pair_rows(row: dict[str, Any], cfg: RelabelConfig) -> list[dict[str, Any]]:
+    base = {"path": row["path"], "image_size": cfg.image_size, "job": "relabel", "meta": json.loads(row["meta"] or "{}")}
+    return [make_row(row["video_id"], a, b, before, after, action, "pseudo", row["model_id"], score,
+                     provenance={**base, **pair}, dataset=row["dataset"], label=row["label"])
+            for a, b, before, after, action, score, pair in zip(*(row[k] for k in _PAIR_LISTS), json.loads(row["info"]))]
+
+
+def _groups(rows: list[dict[str, Any]], rows_per_file: int) -> list[list[dict[str, Any]]]:
+    """Whole videos, in order, in groups of at most `rows_per_file` pairs (a larger video is a group alone)."""
+    groups: list[list[dict[str, Any]]] = [[]]
+    pairs = 0
+    for r in rows:
+        n = len(r["actions"])
+        if n and pairs and pairs + n > rows_per_file:
+            groups.append([])
+            pairs = 0
+        groups[-1].append(r)
+        pairs += n
+    return [g for g in groups if g]
+
+
+def _result(row: dict[str, Any], record: dict[str, Any] | None, write_s: float) -> dict[str, Any]:
+    rec = record or {}
+    return {"video_id": row["video_id"], "status": row["status"], "stage": row["stage"], "reason": row["reason"],
+            "error_class": row["error_class"], "error": row["error"], "attempts": row["attempts"],
+            "pairs": len(row["actions"]) if row["status"] == "ok" else 0, "partition": rec.get("partition", ""),
+            "data_file": rec.get("data_file", "") if row["status"] == "ok" else "",
+            "quarantine_file": rec.get("quarantine_file", "") if row["status"] == "quarantined" else "",
+            "committed_at": rec.get("committed_at", 0.0), "decode_s": row["decode_s"], "label_s": row["label_s"],
+            "write_s": write_s}
 
 
 def write_stage(batch: pa.Table, cfg: RelabelConfig) -> pa.Table:
-    out = []
-    for row in batch.to_pylist():
+    """Commit the batch's ok and quarantined videos in partitions; report every video."""
+    rows = batch.to_pylist()
+    out = [_result(r, None, 0.0) for r in rows if r["status"] == "retry_later"]
+    for group in _groups([r for r in rows if r["status"] != "retry_later"], cfg.rows_per_file):
         t0 = time.perf_counter()
+        ok = [r for r in group if r["status"] == "ok"]
+        bad = [r for r in group if r["status"] == "quarantined"]
         try:
-            _write_one(row, cfg)
-        except Exception as err:  # e.g. disk full: record it; the shard is absent, so a rerun retries the video
-            row = _quarantined(row, "write", f"{type(err).__name__}: {err}") | {"status": "failed"}
-        out.append({"video_id": row["video_id"], "status": row["status"], "stage": row["stage"], "error": row["error"],
-                    "pairs": len(row["actions"]), "decode_s": row["decode_s"], "label_s": row["label_s"],
-                    "write_s": time.perf_counter() - t0})
+            table = to_table([p for r in ok for p in _pair_rows(r, cfg)]) if ok else None
+            record = commit_partition(cfg.out, partition_id(r["video_id"] for r in group), table,
+                                      bad, [{**r, "pairs": len(r["actions"])} for r in group])
+        except Exception as err:  # storage that stayed down, a full disk: not the videos' fault, so not quarantined
+            group = [retry_later(r, "write", err, 1) for r in group]
+            record = None
+        write_s = (time.perf_counter() - t0) / len(group)
+        out += [_result(r, record, write_s) for r in group]
     return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)

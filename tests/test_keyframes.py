@@ -1,7 +1,6 @@
-"""Key frames, video manifests and pseudo-label scoring, without Ray. `pytest tests/test_keyframes.py`"""
+"""Key frames and pseudo-label scoring, without Ray (manifests: tests/test_manifest_ids.py). `pytest tests/test_keyframes.py`"""
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +12,6 @@ from dynboot.images import decode_image, encode_png
 from dynboot.images import ImagePolicy
 from dynboot.keyframes import (KeyframeConfig, consecutive_pairs, extract_keyframes, motion_track, select_peaks,
                                select_stills, video_keyframes)
-from dynboot.manifest import build_manifest, video_id_of
 from dynboot.pairs import make_row, to_table
 from dynboot.pseudo_labels import pseudo_label_accuracy
 from dynboot.video import VideoFault, read_video, write_video
@@ -156,32 +154,6 @@ def test_bad_files_raise_typed_faults_and_damaged_ones_are_salvaged(tmp_path, sm
     (tmp_path / "zeroed.mp4").write_bytes(bytes(damaged))
     kf = video_keyframes(str(tmp_path / "zeroed.mp4"), STILLS, 40)
     assert kf.decoder == "pyav" and len(kf.pairs) >= 1
-
-
-def test_manifest_forms_and_stable_unique_ids(tmp_path, small_world):
-    world = build_manifest(str(small_world / "videos"))  # through the world's manifest.jsonl
-    assert [m["video_id"] for m in world] == [f"ep{i:06d}" for i in range(12)]
-    assert all((small_world / "videos" / f"{m['video_id']}.mp4").samefile(m["path"]) for m in world)
-    (tmp_path / "in" / "sub").mkdir(parents=True)
-    for rel in ("a.mp4", "a.avi", "sub/b c.mp4", "notes.txt"):
-        shutil.copy(small_world / "videos" / "ep000000.mp4", tmp_path / "in" / rel)
-    globbed = build_manifest(str(tmp_path / "in"))
-    assert [m["video_id"] for m in globbed] == ["a.avi", "a.mp4", "sub__b_c"]  # same stem: keep extensions
-    uris = build_manifest(f"file://{tmp_path}/in")
-    assert [m["video_id"] for m in uris] == ["a.avi", "a.mp4", "sub__b_c"] and uris[0]["path"].startswith("file://")
-    (tmp_path / "list.txt").write_text(f"# videos\nin/a.mp4\n{tmp_path}/missing.mp4\n")
-    listed = build_manifest(str(tmp_path / "list.txt"))
-    assert listed[0] == {"video_id": "in__a", "path": str(tmp_path / "in" / "a.mp4")}
-    assert listed[1]["path"] == str(tmp_path / "missing.mp4")  # kept: the job quarantines it
-    (tmp_path / "dup.jsonl").write_text('{"path": "in/a.mp4", "video_id": "x"}\n{"path": "in/a.avi", "video_id": "x"}\n')
-    with pytest.raises(ValueError, match="duplicate video ids"):
-        build_manifest(str(tmp_path / "dup.jsonl"))
-    (tmp_path / "bad.jsonl").write_text('{"path": "in/a.mp4"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
-        build_manifest(str(tmp_path / "bad.jsonl"))
-    with pytest.raises(FileNotFoundError):
-        build_manifest(str(tmp_path / "nowhere"))
-    assert video_id_of("s3://bucket/x/clip 1.mp4") == "bucket__x__clip_1"
 
 
 def test_pseudo_label_accuracy_counts_matches_types_and_unmatched(tmp_path, small_world):

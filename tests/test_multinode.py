@@ -1,10 +1,11 @@
 """Multi-node fault tests on one machine: a Ray cluster of a head and two worker nodes on loopback
 (`ray.cluster_utils.Cluster`), a worker node removed while a job runs on it. `pytest tests/test_multinode.py`
 
-- relabel: the job runs across both workers (the head has no CPUs, as on a real cluster); when shards start
-  to appear, the node hosting an IDP actor is removed. Its actor, tasks and objects are gone; the job goes on
-  on the other node, or, if it cannot, a rerun resumes. Either way the output equals an uninterrupted run's:
-  every video a shard or a quarantine row, no duplicate pair ids, the same rows.
+- relabel: from and to the loopback S3 bucket (the model too), across both workers (the head has no CPUs, as
+  on a real cluster); each node runs in its own working directory with its own model cache, so no node sees
+  another's relative paths or files. When partitions start to be committed, the node hosting an IDP actor is
+  removed. Its actor, tasks and objects are gone; the job goes on on the other node, or, if it cannot, a rerun
+  resumes. Either way every video's rows are in the bucket exactly once, and a rerun does nothing.
 - train: a 2-worker Ray Train + DeepSpeed run checkpointing every few steps; after the first checkpoint the
   node hosting its workers is removed. The worker group restarts from that checkpoint (`max_failures`) on the
   remaining node and finishes every step.
@@ -23,7 +24,6 @@ from typing import Callable
 import psutil
 import pytest
 
-from dynboot.manifest import build_manifest
 from dynboot.pairs import read_pairs
 from dynboot.rundir import read_jsonl
 
@@ -59,7 +59,8 @@ def start_cluster(attempts: int = 3):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_server, tmp_path_factory):
+    """The S3 server comes first: its AWS_* environment is then every node's, as on a real cluster."""
     import ray
     import ray._common.utils
     import ray._private.utils
@@ -69,6 +70,7 @@ def cluster():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
         mp.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+        NODE_DIRS.append(tmp_path_factory.mktemp("nodes"))
         c = start_cluster()
         try:
             ray.init(address=c.address, log_to_driver=False)
@@ -78,9 +80,24 @@ def cluster():
             c.shutdown()
 
 
+NODE_DIRS: list[Path] = []  # where this module's nodes live
+
+
 def ensure_workers(cluster, n: int = 2) -> None:
+    """Worker nodes, each started in a working directory of its own (its raylet and workers inherit it) with a
+    model cache of its own."""
+    import os
+
     while len(cluster.worker_nodes) < n:
-        cluster.add_node(num_cpus=WORKER_CPUS)
+        home = NODE_DIRS[0] / f"node{len(NODE_DIRS)}"
+        NODE_DIRS.append(home)
+        home.mkdir()
+        here = os.getcwd()
+        os.chdir(home)
+        try:
+            cluster.add_node(num_cpus=WORKER_CPUS, env_vars={"DYNBOOT_CACHE_DIR": str(home / "cache")})
+        finally:
+            os.chdir(here)
     cluster.wait_for_nodes()
 
 
@@ -149,68 +166,68 @@ def idp(tmp_path_factory) -> Path:
 
 
 # ---- relabel ----------------------------------------------------------------------------------------------------
-def relabel_config(world: Path, out: Path, idp: Path, cluster):
+def relabel_config(videos: str, out: str, model: str, cluster):
     from jobs.relabel import RelabelConfig
 
     # Fractional CPUs: two IDP actors, decode and write tasks all fit on the 2-CPU workers, and on one of them
     # once the other is gone (whole CPUs deadlock a small cluster: reference/ray_feasibility.md).
-    return RelabelConfig(videos=str(world / "videos"), out=str(out), model_path=str(idp), batch_size=8,
-                         videos_per_batch=1, min_actors=1, max_actors=2, idp_cpus=0.5, decode_cpus=0.5,
-                         write_cpus=0.25, progress_s=60, ray_address=cluster.address, keyframes={"strategy": "stills"})
+    return RelabelConfig(videos=videos, out=out, model_path=model, batch_size=8, videos_per_batch=1, min_actors=1,
+                         max_actors=2, idp_cpus=0.5, decode_cpus=0.5, write_cpus=0.25, videos_per_task=2,
+                         rows_per_file=16, pairs_per_video=8, progress_s=60, ray_address=cluster.address,
+                         keyframes={"strategy": "stills"})  # the world's key states are its stills
 
 
-def shard_ids(out: Path) -> set[str]:
-    return {p.stem for p in (out / "shards").glob("*.parquet") if not p.name.startswith(".")}
+def committed_partitions(out: str) -> int:
+    from dynboot import storage
 
-
-def quarantine_ids(out: Path) -> set[str]:
-    return {p.stem for p in (out / "quarantine").glob("*.json")}
-
-
-def pair_rows(out: Path) -> list[dict]:
-    return sorted(read_pairs(out / "shards").to_pylist(), key=lambda r: r["id"])
+    return len([p for p in storage.list_files(storage.join(out, "commits"), recursive=False) if "/p-" in p])
 
 
 @pytest.mark.timeout(600)
-def test_relabel_completes_without_loss_or_duplicates_when_a_worker_node_dies(cluster, world, idp, tmp_path):
+def test_relabel_from_and_to_the_bucket_is_exactly_once_when_a_worker_node_dies(cluster, world, idp, bucket):
+    import json
+
+    from dynboot import storage
     from jobs.relabel import run as run_relabel
 
     ensure_workers(cluster)
-    reference = tmp_path / "reference"
-    assert run_relabel(relabel_config(world, reference, idp, cluster))["videos_done"] == VIDEOS
-    want = pair_rows(reference)
+    for p in sorted((world / "videos").iterdir()):  # the world's videos and its manifest (relative paths)
+        storage.write_bytes(f"{bucket}/world/videos/{p.name}", p.read_bytes())
+    videos, out = f"{bucket}/world/videos", f"{bucket}/runs/relabel"
+    model = storage.copy_dir(idp, f"{bucket}/models/idp")
+    truth = {t["video_id"]: len(t["actions"]) for t in map(json.loads, (world / "videos_truth.jsonl").read_text().splitlines())}
 
-    out = tmp_path / "faulty"
-    remover = NodeRemover(cluster, ready=lambda: 1 <= len(shard_ids(out)) < VIDEOS, marker="IDPLabeler",
-                          snapshot=lambda: len(shard_ids(out)))
+    remover = NodeRemover(cluster, ready=lambda: 1 <= committed_partitions(out) < VIDEOS // 2, marker="IDPLabeler",
+                          snapshot=lambda: committed_partitions(out))
     remover.start()
     try:
-        summary = run_relabel(relabel_config(world, out, idp, cluster))
+        summary = run_relabel(relabel_config(videos, out, model, cluster))
         failed = None
     except Exception as err:  # the job may fail when the node dies: then a rerun must resume and complete
         summary, failed = None, err
     remover.join(30)
     assert remover.error is None, remover.error
     assert remover.at_removal is not None, "no worker node was removed while the job ran"
-    assert remover.at_removal < VIDEOS, "the node was removed after every video was done"
     assert len(cluster.worker_nodes) == 1
-    print(f"worker node removed with {remover.at_removal}/{VIDEOS} shards published")
+    print(f"worker node removed with {remover.at_removal}/{VIDEOS // 2} partitions committed")
 
-    if failed is not None or summary["videos_lost"] or len(shard_ids(out) | quarantine_ids(out)) < VIDEOS:
+    if failed is not None or summary["videos_lost"] or summary["videos_total"] < VIDEOS:
         print(f"relabel after node loss: {'failed: ' + repr(failed)[:200] if failed else summary}; rerunning")
-        rerun = run_relabel(relabel_config(world, out, idp, cluster))
-        assert rerun["skipped_done"] >= remover.at_removal and rerun["videos_lost"] == 0
+        rerun = run_relabel(relabel_config(videos, out, model, cluster))
+        assert rerun["videos_lost"] == 0
 
-    shards, quarantined = shard_ids(out), quarantine_ids(out)
-    assert shards | quarantined == {it["video_id"] for it in build_manifest(str(world / "videos"))}
-    assert not shards & quarantined and len(shards) + len(quarantined) == VIDEOS
-    got = pair_rows(out)
-    assert len({r["id"] for r in got}) == len(got), "duplicate pair ids"
-    assert [r["id"] for r in got] == [r["id"] for r in want], "pairs lost or added"
-    for g, w in zip(got, want):
-        assert {k: v for k, v in g.items() if k != "score"} == {k: v for k, v in w.items() if k != "score"}
-        assert g["score"] == pytest.approx(w["score"], abs=1e-5)  # batch composition may move the last bits
-    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")], "a temp file was left behind"
+    again = run_relabel(relabel_config(videos, out, model, cluster))  # a rerun of a finished run does nothing
+    assert again["videos_todo"] == 0 and again["skipped_done"] == VIDEOS and again["videos_total"] == VIDEOS
+    assert again["duplicate_commits"] == 0 and again["quarantine_total"] == 0
+    rows = read_pairs(out).to_pylist()
+    assert len({r["id"] for r in rows}) == len(rows), "duplicate pair ids"
+    per_video: dict[str, int] = {}
+    for r in rows:
+        per_video[r["video_id"]] = per_video.get(r["video_id"], 0) + 1
+    assert per_video == truth, "a video's pairs are missing or written twice"
+    assert not [p for p in Path.cwd().glob("s3:*")], "output landed in a local folder"
+    for home in NODE_DIRS[1:]:  # each node fetched the model into its own cache, and wrote nothing locally
+        assert not [p for p in home.rglob("*.parquet")]
 
 
 # ---- train ------------------------------------------------------------------------------------------------------

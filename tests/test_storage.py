@@ -83,6 +83,8 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not():
     assert storage.is_transient(OSError("AWS Error NETWORK_CONNECTION during HeadObject: curlCode: 7"))
     assert storage.is_transient(ConnectionResetError("reset by peer"))
     assert storage.is_transient(OSError("AWS Error EXPIRED_TOKEN: The provided token has expired"))
+    assert storage.is_transient(OSError("When reading information for key 'v/a.mp4' in bucket 'b': AWS Error UNKNOWN "
+                                        "(HTTP status 503) during HeadObject operation: No response body."))
     assert not storage.is_transient(FileNotFoundError("no such file: s3://b/ep000500.mp4"))
     assert not storage.is_transient(OSError("AWS Error ACCESS_DENIED during GetObject operation"))
     assert not storage.is_transient(ValueError("timeout=3 is not a video"))
