@@ -159,12 +159,8 @@ class IDPLabeler:
         self.ledger = Ledger(cfg.out, "label", cfg.max_attempts)
 
     def _chunk(self) -> int:
-        """Pairs per forward: batch_size, or fewer when the model states a token budget (models with
-        `max_tokens` / `token_cost`)."""
-        budget, cost = getattr(self.model, "max_tokens", None), getattr(self.model, "token_cost", None)
-        if budget and callable(cost):
-            return max(1, min(self.cfg.batch_size, budget // max(1, cost("score"))))
-        return self.cfg.batch_size
+        """Pairs per forward: batch_size, or fewer where the model's token budget holds fewer captions."""
+        return max(1, min(self.cfg.batch_size, self.model.rows_per_forward("caption")))
 
     def _caption_and_score(self, before, after) -> tuple[list[str], list[float]]:
         if self.cfg.fault_injection == "cuda_once":
@@ -172,12 +168,9 @@ class IDPLabeler:
             if not storage.exists(marker):
                 storage.write_text(marker, f"pid {os.getpid()}\n")
                 raise RuntimeError("CUDA error: device-side assert triggered (fault_injection=cuda_once)")
-        one_pass = getattr(self.model, "caption_scored", None)  # one forward per pair where the backend has it
-        if one_pass is not None:
-            captions, logp = one_pass(before, after)
-            return list(captions), [float(s) for s in logp]
-        captions = self.model.caption(before, after)
-        return captions, [float(s) for s in self.model.action_logprob(before, after, captions)]
+        # one forward per pair: the captions' own greedy decoding steps give their mean log-prob (issue 17)
+        captions, logp = self.model.caption_scored(before, after)
+        return list(captions), [float(s) for s in logp]
 
     def _label(self, videos: list[dict[str, Any]]) -> None:
         import numpy as np
