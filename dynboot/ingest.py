@@ -163,6 +163,7 @@ class RankStream:
         self.index, self.rank, self.world, self.policy = index, rank, world, policy
         self.seed, self.window, self.reader = seed, window, reader
         self.plan = index.plan(seed, window)
+        self._epoch_rows = max(sum(s.rows for s in index.sources), window)
         self.position = (int(start[0]), int(start[1]))
         self.rows_hint, self.ingest_cpus, self.ingest_tasks, self.prefetch = rows_hint, ingest_cpus, ingest_tasks, prefetch
         self.tags = [s.tag for s in index.sources]
@@ -170,6 +171,7 @@ class RankStream:
         self.skipped = 0  # malformed rows met, repeats included
         self.rows = 0  # good rows handed out
         self.wait_s = 0.0  # time spent waiting for data in `next`
+        self._bad_run = 0  # malformed rows in a row: a whole epoch of them means no row is usable
         self._buffer: deque = deque()
         self._batches: Iterator[dict[str, np.ndarray]] | None = None
 
@@ -220,7 +222,12 @@ class RankStream:
             if row["error"]:
                 self.skipped += 1
                 self.malformed.setdefault(row["id"], row["error"])
+                self._bad_run += 1
+                if self._bad_run > self._epoch_rows:
+                    raise RuntimeError(f"no usable row in a whole pass over the data ({self._bad_run} rows in a row "
+                                       f"skipped), e.g. {row['error']}")
                 continue
+            self._bad_run = 0
             tag = self.tags[row["src"]]
             action = f"{tag} {row['action']}" if tag else row["action"]
             out.append(Example(row["before"], row["after"], action,

@@ -121,6 +121,12 @@ class TrainConfig(LoopConfig):
     def _sources(cls, v: Any) -> list[Any]:
         return parse_sources(v)
 
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume(cls, v: Any) -> Any:
+        """YAML reads `off` as false (and old configs say true/false): booleans mean auto / off."""
+        return {True: "auto", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.task == "idp" and any(s.tag for s in self.data):

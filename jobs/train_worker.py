@@ -278,6 +278,7 @@ def train_loop(config: dict) -> None:
 
     def after_step(step: int, rec: dict) -> None:
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            run.flush()  # metrics up to a checkpoint survive a crash (object storage buffers them)
             save_checkpoint(engine, core, stream, step, rank, run_id, lora,
                             {k: v for k, v in rec.items() if isinstance(v, (int, float))})
         if cfg.fault_step == step and rank == cfg.fault_rank and not storage.exists(run.uri(".fault_injected")):
