@@ -193,7 +193,7 @@ class RankStream:
             raise ValueError("reader='ray' needs an index recorded on storage every node can read (build_index(out_dir=...))")
         n = max(2, -(-max(self.rows_hint - self.rows, 0) // max(1, self.window)) + 2)
         ds = ray.data.range(n, override_num_blocks=n).map_batches(
-            _read_windows, batch_size=1, num_cpus=self.ingest_cpus, concurrency=self.ingest_tasks,
+            _read_windows, batch_size=1, num_cpus=self.ingest_cpus, compute=ray.data.TaskPoolStrategy(size=self.ingest_tasks),
             fn_kwargs={"index_dir": storage.parent(self.index.uri), "rank": self.rank, "world": self.world, "t0": t0,
                        "skip": skip, "seed": self.seed, "window": self.window, "policy": self.policy.model_dump()})
         ds.context.execution_options.preserve_order = True  # the plan's order: resumable, and the plain loop's

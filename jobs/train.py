@@ -41,7 +41,6 @@ the recorded one stops naming the fields (resume=force continues anyway, resume=
 from __future__ import annotations
 
 import io
-import json
 import sys
 import time
 import uuid
@@ -163,9 +162,26 @@ def unknown_tags(cfg: TrainConfig) -> list[str]:
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(storage.local_model_dir(cfg.model_path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg.model_path), local_files_only=True)
     unk = tok.unk_token_id
     return [t for t in tags if unk is not None and unk in tok(t, add_special_tokens=False)["input_ids"]]
+
+
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "config.json")
+
+
+def _tokenizer_dir(model_path: str) -> str:
+    """A local directory with the checkpoint's tokenizer files: the checkpoint itself when local; for a URI, only
+    those files fetched (not the weights: the driver checks tags, it does not load the model)."""
+    if not storage.is_uri(model_path):
+        return model_path
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="dynboot-tokenizer-")
+    for uri in storage.list_files(model_path, recursive=False):
+        if storage.name(uri).startswith(TOKENIZER_FILES):
+            storage.write_bytes(storage.join(tmp, storage.name(uri)), storage.read_bytes(uri))
+    return tmp
 
 
 class InputError(ValueError):

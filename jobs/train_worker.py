@@ -68,7 +68,7 @@ def set_gradient_checkpointing(model: UnifiedModel, setting) -> bool:
     if enable is None:
         enable = sum(p.numel() for p in net.parameters()) >= 1e9
     if enable:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return bool(enable)
 
 
@@ -142,6 +142,25 @@ def model_state_mb(engine, stage3: bool) -> dict:
     moments = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
     master = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_partitioned_groups_flat", None) or []
     return {"params_mb": mb(params), "master_mb": mb(master), "optimizer_mb": mb(moments)}
+
+
+def plain_reference(cfg) -> list[dict]:
+    """The plain single-process loop (torch AdamW, the stream read in this process) on exactly what the job's rank 0
+    of a 1-worker run trains on: same model build and seed, same plan, same augmentation draws. The recipe tests and
+    the benchmark compare the job with it."""
+    from dynboot.data_index import build_index
+    from dynboot.trainer import TrainLoop
+
+    cfg = cfg.resolved()
+    torch.manual_seed(cfg.seed)  # as the worker does before building the model (LoRA init, then dropout)
+    model = build_model(cfg, cfg.use_lora)
+    stream = RankStream(build_index(cfg.data), 0, 1, image_policy(model), cfg.seed, cfg.shuffle_window)
+    augment = None
+    if cfg.augment and world_of(model) is not None:
+        from dynboot.world.augment import world_augmenter
+
+        augment = gold_only(world_augmenter(world_of(model)))
+    return TrainLoop(model, cfg, augment=augment, batches=stream).run()
 
 
 # ---- evaluation ----------------------------------------------------------------------------------------------

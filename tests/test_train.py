@@ -25,7 +25,7 @@ from dynboot.config import ConfigError, load_config
 from dynboot.data_index import EmptySource, build_index, changes, record_index
 from dynboot.images import ImagePolicy
 from dynboot.ingest import RankStream
-from dynboot.mixture import MixturePlan, Source, gold_only
+from dynboot.mixture import MixturePlan, Source
 from dynboot.pairs import gold_rows, to_table
 from dynboot.rundir import read_jsonl
 from jobs.train import InputError, TrainConfig, unknown_tags
@@ -82,22 +82,9 @@ def losses(out) -> list[float]:
 
 
 def plain_losses(cfg: TrainConfig) -> list[float]:
-    """The plain single-process loop (torch AdamW, the stream read in this process) on exactly what the Ray job's
-    rank 0 trains on: same model build and seed, same plan, same augmentation draws."""
-    from dynboot.ingest import image_policy
-    from dynboot.trainer import TrainLoop
-    from jobs.train_worker import build_model, world_of
+    from jobs.train_worker import plain_reference
 
-    cfg = cfg.resolved()
-    torch.manual_seed(cfg.seed)  # as the worker does before building the model (LoRA init, then dropout)
-    model = build_model(cfg, cfg.use_lora)
-    stream = RankStream(build_index(cfg.data), 0, 1, image_policy(model), cfg.seed, cfg.shuffle_window)
-    augment = None
-    if world_of(model) is not None:
-        from dynboot.world.augment import world_augmenter
-
-        augment = gold_only(world_augmenter(world_of(model)))
-    return [r["loss"] for r in TrainLoop(model, cfg, augment=augment, batches=stream).run()]
+    return [r["loss"] for r in plain_reference(cfg)]
 
 
 def check_export(out: Path, dtype=torch.float32) -> None:
@@ -351,3 +338,22 @@ def test_real_backend_on_aurora_sample_everything_on_s3(ray_cluster, bucket, tmp
 
     exported = load_model(storage.local_model_dir(f"{out}/model"))
     assert exported.backend == "liquid"
+
+
+def test_gradient_checkpointing_recomputes_without_changing_the_step(small_world):
+    """gradient_checkpointing=true trades memory for recomputation: same losses as off, on the plain core."""
+    from dynboot.trainer import TrainLoop
+    from jobs.train_worker import build_model, set_gradient_checkpointing
+
+    cfg = TrainConfig(task="fdp", size="xxs", steps=3, batch_size=4, warmup=1, eval_every=0, threads=1, augment=False,
+                      data=[Source(path=str(small_world))])
+    runs = {}
+    for setting in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg.model_copy(update={"gradient_checkpointing": setting}), lora=False)
+        assert set_gradient_checkpointing(model, "auto") is False  # auto: off for a model this small
+        model = build_model(cfg.model_copy(update={"gradient_checkpointing": setting}), lora=False)
+        assert bool(getattr(model.net, "is_activation_checkpointing", False)) is setting
+        stream = RankStream(build_index(cfg.data), 0, 1, GRID, seed=0, window=16)
+        runs[setting] = [r["loss"] for r in TrainLoop(model, cfg, batches=stream).run()]
+    assert np.allclose(runs[True], runs[False], atol=1e-6)
