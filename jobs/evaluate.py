@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -31,14 +31,20 @@ from pydantic import Field, field_validator
 from dynboot.aurora import read_aurora
 from dynboot.images import decode_image, encode_png
 from dynboot.cli import job_main
-from dynboot.config import Config, save_config
-from dynboot.rundir import RunDir, append_jsonl, atomic_write_bytes, write_json
+from dynboot.config import Config
+from dynboot.rundir import ResumeMode, RunDir, append_jsonl, atomic_write_bytes, write_json
 
 AURORA_SUBSETS = ["magicbrush", "ag", "something", "whatsup", "kubric"]  # the 5 with targets (paper §5.1)
 
 
 class EvalConfig(Config):
     """dynboot eval: FDP best-of-N + IDP over a world test split or Aurora-Bench."""
+
+    # what a rerun may change: which items, the judge, and how the work is spread; not what is predicted
+    rerun_may_change: ClassVar[frozenset[str]] = frozenset({
+        "limit", "subsets", "judge", "judge_model", "judge_base_url", "judge_api_key_env", "judge_concurrency",
+        "judge_max_retries", "judge_backoff_s", "judge_cache", "relabel_dir", "truth", "use_ray", "actors",
+        "actor_cpus", "actor_gpus", "device", "threads", "batch_size", "grid_examples"})
 
     data: str = Field("runs/world/test", description="World test dir (or its test.json), or an AURORA-format test.json.")
     mode: Literal["auto", "world", "aurora"] = Field("auto", description="auto: world when truth.jsonl sits beside test.json.")
@@ -72,6 +78,9 @@ class EvalConfig(Config):
     threads: int = Field(1, ge=0, description="Torch intra-op threads per predictor (0 = torch default); >1 on a "
                          "busy small CPU box oversubscribes it (measured 100x slower sampling).")
     grid_examples: int = Field(6, ge=0, description="Items shown in grid.png.")
+    resume: ResumeMode = Field("auto", description="auto: a rerun predicts only the items not yet predicted (its "
+                               "config must match the recorded one, but for the fields a rerun may change); force: "
+                               "even if it differs; off: set the old predictions aside and start over.")
 
     @field_validator("n")
     @classmethod
@@ -122,7 +131,8 @@ def load_items(cfg: EvalConfig, mode: str, json_path: Path, run: RunDir) -> list
 
 # ---- 2. predict --------------------------------------------------------------------------------------
 class Predictor:
-    """Holds the FDP and IDP; one call = one batch of items (pyarrow in, pyarrow out)."""
+    """Holds the FDP and IDP; one call = one batch of items (pyarrow in, pyarrow out), through the one
+    prediction core (`dynboot.predict`: seeded per item, the verifier reading codes or images as it decides)."""
 
     def __init__(self, cfg: dict):
         import torch
@@ -135,59 +145,23 @@ class Predictor:
         load = lambda p: load_model(p, backend=c.backend or None, device=c.device).eval()  # noqa: E731
         self.fdp = load(c.fdp_path) if c.fdp_path else None
         self.idp = (self.fdp if c.idp_path == c.fdp_path else load(c.idp_path)) if c.idp_path else None
-        self.m = max(c.n) if self.idp is not None else 1
-
-    def _predict(self, rows: list[dict]) -> list[dict]:
-        out = [{"index": r["index"], "candidates": [], "scores": [], "greedy": b"", "caption": "", "error": ""} for r in rows]
-        before = [decode_image(r["before"]) for r in rows]
-        after = [decode_image(r["target"]) if r["target"] else None for r in rows]
-        # backends take [B, H, W, 3] arrays: images of one size go together (Aurora sizes vary)
-        if self.fdp is not None:
-            for idx in _same_shape(range(len(rows)), lambda i: before[i].shape):
-                self._fdp([rows[i] for i in idx], np.stack([before[i] for i in idx]), [out[i] for i in idx])
-        if self.idp is not None:
-            for idx in _same_shape([i for i in range(len(rows)) if after[i] is not None], lambda i: (before[i].shape, after[i].shape)):
-                caps = self.idp.caption(np.stack([before[i] for i in idx]), np.stack([after[i] for i in idx]))
-                for i, cap in zip(idx, caps):
-                    out[i]["caption"] = cap
-        return out
-
-    def _fdp(self, rows: list[dict], before: np.ndarray, out: list[dict]) -> None:
-        from dynboot.best_of_n import score_candidates
-
-        c, B, actions = self.cfg, len(rows), [r["instruction"] for r in rows]
-        # one sample call per item, seeded by the item's index: identical results for any batching
-        cand = np.concatenate([self.fdp.sample(before[i: i + 1], [actions[i]], n=self.m, temperature=c.temperature,
-                                               top_k=c.top_k, seed=c.seed + int(rows[i]["index"])).numpy() for i in range(B)])
-        images = self.fdp.tokenizer.decode(_tensor(cand.reshape(B * self.m, -1)))
-        images = images.reshape(B, self.m, *images.shape[1:])
-        if self.idp is None:
-            scores = np.full((B, self.m), np.nan)
-        elif _same_tokenizer(self.fdp, self.idp):  # score the codes directly (no decode / re-encode)
-            scores = score_candidates(self.idp, before, _tensor(cand), actions).numpy()
-        else:  # a verifier of another family sees the decoded images
-            scores = self.idp.action_logprob(np.repeat(before, self.m, 0), images.reshape(B * self.m, *images.shape[2:]),
-                                             [a for a in actions for _ in range(self.m)]).numpy().reshape(B, self.m)
-        for i in range(B):
-            out[i]["candidates"] = [encode_png(im) for im in images[i]]
-            out[i]["scores"] = [float(s) for s in scores[i]]
-        if c.greedy:
-            g = self.fdp.tokenizer.decode(self.fdp.sample(before, actions, n=1, temperature=0.0)[:, 0])
-            for i in range(B):
-                out[i]["greedy"] = encode_png(g[i])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        try:
-            out = self._predict(rows)
-        except Exception:  # noqa: BLE001 - find the bad item(s): rerun one by one, record each failure
-            out = []
-            for r in rows:
-                try:
-                    out.extend(self._predict([r]))
-                except Exception as err:  # noqa: BLE001
-                    out.append({"index": r["index"], "candidates": [], "scores": [], "greedy": b"", "caption": "",
-                                "error": f"{type(err).__name__}: {err}"[:500]})
+        from dynboot.predict import Item, predict
+
+        items, out = [], []
+        for r in batch.to_pylist():
+            try:
+                items.append(Item(r["index"], decode_image(r["before"]), r["instruction"],
+                                  decode_image(r["target"]) if r["target"] else None))
+            except ValueError as err:
+                out.append(_prediction_row(r["index"], error=f"{type(err).__name__}: {err}"))
+        for p in predict(self.fdp, self.idp, items, settings(self.cfg)):
+            out.append(_prediction_row(
+                p.index, candidates=[encode_png(im) for im in p.candidate_images] if p.candidate_images is not None else [],
+                scores=[float(x) for x in p.scores] if p.scores is not None else [],
+                greedy=encode_png(p.greedy_image) if p.greedy_image is not None else b"",
+                caption=p.caption or "", error=p.error))
         return pa.Table.from_pylist(out, schema=PREDICTION_SCHEMA)
 
 
@@ -195,90 +169,118 @@ PREDICTION_SCHEMA = pa.schema([("index", pa.int64()), ("candidates", pa.list_(pa
                                ("greedy", pa.binary()), ("caption", pa.string()), ("error", pa.string())])
 
 
-def _same_tokenizer(a, b) -> bool:
-    ta, tb = a.tokenizer, b.tokenizer
-    return a is b or (type(ta) is type(tb) and (ta.codebook_size, ta.tokens_per_image, ta.image_size)
-                      == (tb.codebook_size, tb.tokens_per_image, tb.image_size))
+def _prediction_row(index: int, candidates=(), scores=(), greedy=b"", caption="", error="") -> dict:
+    return {"index": index, "candidates": list(candidates), "scores": list(scores), "greedy": greedy,
+            "caption": caption, "error": error[:500]}
 
 
-def _same_shape(indices, key) -> list[list[int]]:
-    groups: dict = {}
-    for i in indices:
-        groups.setdefault(key(i), []).append(i)
-    return list(groups.values())
+def settings(cfg: EvalConfig):
+    from dynboot.predict import PredictSettings
+
+    return PredictSettings(n=max(cfg.n) if cfg.idp_path else 1, temperature=cfg.temperature, top_k=cfg.top_k,
+                           seed=cfg.seed, greedy=cfg.greedy, captions=bool(cfg.idp_path), decode=True)
 
 
-def _tensor(x):
-    import torch
-
-    return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.int64)
-
-
-def predict(cfg: EvalConfig, items: list[dict]) -> list[dict]:
-    if not cfg.use_ray:
-        import torch
-
-        threads = torch.get_num_threads()
-        try:
-            predictor = Predictor(cfg.model_dump())
-            tables = [predictor(pa.Table.from_pylist(items[i: i + cfg.batch_size])) for i in range(0, len(items), cfg.batch_size)]
-        finally:
-            torch.set_num_threads(threads)  # this process's setting, as it was
-        return sorted((r for t in tables for r in t.to_pylist()), key=lambda r: r["index"])
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`, else starts a local one
+def predict(cfg: EvalConfig, items: list[dict], run: RunDir) -> list[dict]:
+    """Predictions of `items`, committed in parts (`predictions/part-*.parquet`) as they arrive, so a rerun
+    predicts only the items no part holds yet."""
+    done = _read_parts(run)
+    todo = [it for it in items if it["index"] not in done]
+    if len(todo) < len(items):
+        print(f"[eval] resuming: {len(items) - len(todo)} items already predicted, {len(todo)} to do", flush=True)
+    writer = _PartWriter(run, every=max(cfg.batch_size, 32))
     try:
-        ds = ray.data.from_items(items)
-        ds = ds.map_batches(  # stateful actors: models load once per actor, not per batch
-            Predictor, fn_constructor_kwargs={"cfg": cfg.model_dump()}, batch_size=cfg.batch_size,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
-            num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)
-        return sorted(ds.take_all(), key=lambda r: r["index"])
+        if todo and not cfg.use_ray:
+            import torch
+
+            threads = torch.get_num_threads()
+            try:
+                predictor = Predictor(cfg.model_dump())
+                for i in range(0, len(todo), cfg.batch_size):
+                    writer.add(predictor(pa.Table.from_pylist(todo[i: i + cfg.batch_size])).to_pylist())
+            finally:
+                torch.set_num_threads(threads)  # this process's setting, as it was
+        elif todo:
+            import ray
+
+            started = not ray.is_initialized()
+            if started:
+                ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`, else a local one
+            try:
+                ds = ray.data.from_items(todo).map_batches(  # stateful actors: models load once per actor
+                    Predictor, fn_constructor_kwargs={"cfg": cfg.model_dump()}, batch_size=cfg.batch_size,
+                    batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+                    num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)
+                for row in ds.iter_rows():
+                    writer.add([row])
+            finally:
+                if started:
+                    ray.shutdown()
     finally:
-        if started:
-            ray.shutdown()
+        writer.flush()
+    done = _read_parts(run)
+    return sorted((done[it["index"]] for it in items if it["index"] in done), key=lambda r: r["index"])
+
+
+def _read_parts(run: RunDir) -> dict[int, dict]:
+    from dynboot import storage
+
+    rows: dict[int, dict] = {}
+    for part in storage.list_files(run.uri("predictions"), suffixes=(".parquet",)):
+        fs, inner = storage.resolve(part)
+        for r in pq.read_table(inner, filesystem=fs, schema=PREDICTION_SCHEMA).to_pylist():
+            rows[r["index"]] = r
+    return rows
+
+
+class _PartWriter:
+    """Buffers prediction rows and publishes them as whole Parquet parts (a killed run loses one part at most)."""
+
+    def __init__(self, run: RunDir, every: int):
+        from dynboot import storage
+
+        self.run, self.every, self.rows = run, every, []
+        self.next = len(storage.list_files(run.uri("predictions"), suffixes=(".parquet",), hidden=True))
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        if len(self.rows) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=PREDICTION_SCHEMA), buf)
+        atomic_write_bytes(self.run.uri("predictions", f"part-{self.next:05d}.parquet"), buf.getvalue().to_pybytes())
+        self.next, self.rows = self.next + 1, []
 
 
 # ---- 3-4. judge and metrics ---------------------------------------------------------------------------
-def _scenes_of(spec, pngs: list[bytes]) -> np.ndarray:
-    """PNG images -> world scenes [K, L] with the world's exact parser (resized to the world's size first)."""
-    from PIL import Image
-
-    from dynboot.world import parse
-
-    px = spec.image_px
-    ims = [decode_image(b) for b in pngs]
-    ims = [im if im.shape[:2] == (px, px) else np.asarray(Image.fromarray(im).resize((px, px), Image.NEAREST)) for im in ims]
-    return parse(spec, np.stack(ims))
-
-
 def world_metrics(cfg: EvalConfig, json_path: Path, rows: list[dict], ns: list[int]) -> dict:
-    from dynboot.metrics import best_of_n_world, fdp_world_metrics, idp_world_metrics
-    from dynboot.rundir import read_jsonl
+    """World scores (`dynboot.world_eval.world_scores`, the one scoring path) of the prediction rows."""
+    from dynboot.predict import Item, Prediction
     from dynboot.textmetrics import text_metrics
     from dynboot.world.generate import load_spec
+    from dynboot.world_eval import world_scores
 
     spec = load_spec(json_path.parent)
-    truth = {t["index"]: t for t in read_jsonl(json_path.parent / "truth.jsonl")}
+    ok = [r for r in rows if not r.get("error") and (r.get("candidates") or r.get("greedy") or r.get("caption"))]
+    items = [Item(r["index"], decode_image(r["before"]), r["instruction"], decode_image(r["target"])) for r in ok]
+    preds = [Prediction(r["index"], scores=np.array(r["scores"], dtype=float) if r.get("candidates") else None,
+                        candidate_images=np.stack([decode_image(b) for b in r["candidates"]]) if r.get("candidates") else None,
+                        greedy_image=decode_image(r["greedy"]) if r.get("greedy") else None,
+                        caption=r["caption"] if cfg.idp_path and r.get("caption") is not None else None) for r in ok]
+    scores = world_scores(spec, None, items, preds, ns if any(p.candidate_images is not None for p in preds) else ())
     out: dict = {}
-    ok = [r for r in rows if r.get("candidates") and not r.get("error")]
-    if ok:
-        before = np.array([truth[r["index"]]["before"] for r in ok])
-        target = np.array([truth[r["index"]]["after"] for r in ok])
-        types = [truth[r["index"]]["type"] for r in ok]
-        cand = np.stack([_scenes_of(spec, r["candidates"]) for r in ok])
-        out["fdp"] = best_of_n_world(cand, np.array([r["scores"] for r in ok]), before, target, types, ns)
-        if cfg.greedy:
-            out["fdp"]["greedy"] = fdp_world_metrics(_scenes_of(spec, [r["greedy"] for r in ok]), before, target, types)
-        for r, c, t in zip(ok, cand, target):  # per-candidate correctness, for predictions.parquet and the grid
-            r["correct"] = [bool(x) for x in (c == t).all(-1)]
-    capped = [r for r in rows if r.get("caption") is not None and cfg.idp_path and not r.get("error")]
-    if capped:
-        caps, gold = [r["caption"] for r in capped], [r["instruction"] for r in capped]
-        out["idp"] = idp_world_metrics(spec, caps, gold) | {"text": text_metrics(caps, gold)}
+    if "fdp" in scores:
+        out["fdp"] = scores["fdp"]
+        for r, p in zip(ok, preds):  # per-candidate correctness, for predictions.parquet and the grid
+            if p.correct is not None:
+                r["correct"] = [bool(x) for x in p.correct]
+    if "idp" in scores:
+        capped = [r for r in ok if r.get("caption") is not None and cfg.idp_path]
+        out["idp"] = scores["idp"] | {"text": text_metrics([r["caption"] for r in capped], [r["instruction"] for r in capped])}
     if cfg.relabel_dir:
         out["pseudo_labels"] = pseudo_labels(cfg)
     return out
@@ -287,10 +289,8 @@ def world_metrics(cfg: EvalConfig, json_path: Path, rows: list[dict], ns: list[i
 def pseudo_labels(cfg: EvalConfig) -> dict:
     if not cfg.truth:
         return {"error": "relabel_dir= needs truth= (the world's videos_truth.jsonl)"}
-    try:
-        from dynboot.pseudo_labels import pseudo_label_accuracy  # written by the relabel work; optional here
-    except ImportError as err:
-        return {"error": f"dynboot.pseudo_labels is not available: {err}"}
+    from dynboot.pseudo_labels import pseudo_label_accuracy
+
     return pseudo_label_accuracy(cfg.relabel_dir, cfg.truth)
 
 
@@ -371,8 +371,13 @@ def run(cfg: EvalConfig) -> dict:
     from dynboot.report import eval_report, headline
 
     t0 = time.time()
-    run_dir = RunDir(cfg.out)
-    save_config(cfg, run_dir.root)
+    with RunDir(cfg.out).open(cfg, resume=cfg.resume, set_aside=("predictions",)) as run_dir:
+        return _run(cfg, run_dir, t0)
+
+
+def _run(cfg: EvalConfig, run_dir: RunDir, t0: float) -> dict:
+    from dynboot.report import eval_report, headline
+
     (run_dir.quarantine / "inputs.jsonl").unlink(missing_ok=True)  # this run's skips only
     mode, json_path = resolve_data(cfg)
     items = load_items(cfg, mode, json_path, run_dir)
@@ -382,7 +387,7 @@ def run(cfg: EvalConfig) -> dict:
     judge = make_judge(cfg, run_dir) if mode == "aurora" and cfg.judge and cfg.fdp_path else None
     print(f"[eval] {mode}: {len(items)} items from {json_path}, N={ns}, ray={cfg.use_ray}", flush=True)
     t1 = time.time()
-    preds = predict(cfg, items) if (cfg.fdp_path or cfg.idp_path) else [{"index": r["index"]} for r in items]
+    preds = predict(cfg, items, run_dir) if (cfg.fdp_path or cfg.idp_path) else [{"index": r["index"]} for r in items]
     t2 = time.time()
     for p in preds:
         if p.get("error"):
