@@ -188,9 +188,9 @@ class Evaluator:
             from dynboot.world_eval import fdp_eval, idp_eval
 
             if cfg.task == "idp":
-                out["eval_exact"] = round(idp_eval(model, ex, self.world, cfg.batch_size)["exact"], 4)
+                out["eval_exact"] = round(idp_eval(model, ex, self.world)["exact"], 4)
             else:
-                m = fdp_eval(model, ex, self.world, cfg.batch_size)
+                m = fdp_eval(model, ex, self.world)
                 out |= {"eval_exact": round(m["exact"], 4), "eval_changed_cell_acc": round(m["changed_cell_acc"], 4)}
         return out
 
