@@ -19,6 +19,7 @@ worker group restarts from its checkpoint: never a silent loss.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from typing import Any, Iterator, Literal
@@ -174,6 +175,22 @@ class RankStream:
         self._bad_run = 0  # malformed rows in a row: a whole epoch of them means no row is usable
         self._buffer: deque = deque()
         self._batches: Iterator[dict[str, np.ndarray]] | None = None
+        self._starting: threading.Thread | None = None
+        self._first: list = []  # the first batch read by `start` (or the error it met)
+
+    def start(self) -> None:
+        """Begin reading now, in a thread, so that the pipeline's start-up (a Ray dataset's executor and first read
+        tasks) overlaps what the caller does before its first `next` (building an engine, loading a checkpoint)."""
+        self._batches = self._source()
+
+        def first() -> None:
+            try:
+                self._first.append(next(self._batches))
+            except BaseException as err:  # handed to the caller's first `next`
+                self._first.append(err)
+
+        self._starting = threading.Thread(target=first, daemon=True, name="dynboot-ingest-start")
+        self._starting.start()
 
     def _source(self) -> Iterator[dict[str, np.ndarray]]:
         """Decoded batches from the current position onward, forever (a new Ray dataset when one runs out)."""
@@ -211,6 +228,12 @@ class RankStream:
 
         t_wait = time.perf_counter()
         out = []
+        if self._starting is not None:
+            self._starting.join()
+            self._starting, first = None, self._first.pop()
+            if isinstance(first, BaseException):
+                raise first
+            self._buffer.extend(_rows(first))
         if self._batches is None:
             self._batches = self._source()
         while len(out) < n:
@@ -235,6 +258,15 @@ class RankStream:
         self.rows += n
         self.wait_s += time.perf_counter() - t_wait
         return out
+
+    def close(self) -> None:
+        """Stop reading (the Ray dataset's executor and its prefetch) before Ray goes away."""
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
     def state(self) -> dict:
         return {"window": self.position[0], "pos": self.position[1], "rows": self.rows, "skipped": self.skipped}

@@ -122,7 +122,9 @@ def ingest_alone(cfg: BenchConfig, data: Path, out: Path, rows: int) -> float:
     t0 = time.perf_counter()
     for _ in range(rows // cfg.batch_size):
         stream.next(cfg.batch_size)
-    return round((rows // cfg.batch_size) * cfg.batch_size / (time.perf_counter() - t0), 1)
+    rate = round((rows // cfg.batch_size) * cfg.batch_size / (time.perf_counter() - t0), 1)
+    stream.close()
+    return rate
 
 
 def bench_streaming(cfg: BenchConfig, out: Path) -> dict:

@@ -14,6 +14,7 @@ import os
 import resource
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -213,27 +214,32 @@ def save_checkpoint(engine, core: TrainCore, stream: RankStream, step: int, rank
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{step:06d}")
 
 
-def restore_checkpoint(engine, rank: int, run_id: str, lora: bool) -> tuple[int, dict | None]:
-    """(step to start from, this rank's trainer state): 0 and None without a checkpoint. The checkpoint is verified
-    against this run's manifests before DeepSpeed unpickles anything in it."""
-    import ray.train
+def checkpoint_state(directory: Path | None, rank: int, run_id: str) -> tuple[int, dict | None]:
+    """(step, this rank's trainer state) of a checkpoint directory, verified against this run's manifests first
+    (nothing in it is unpickled before that); (0, None) without a checkpoint. The state is None when this rank
+    wrote none (the worker count changed)."""
+    if directory is None:
+        return 0, None
+    verify_checkpoint(directory, run_id)
+    mine = Path(directory) / f"trainer_rank{rank}.json"
+    any_rank = sorted(Path(directory).glob("trainer_rank*.json"))
+    if not any_rank:
+        raise RuntimeError(f"checkpoint {directory} holds no trainer state: not a checkpoint of this job")
+    state = json.loads(mine.read_text()) if mine.is_file() else None
+    return int((state or json.loads(any_rank[0].read_text()))["step"]), state
+
+
+def load_engine_state(engine, directory: Path, rank: int, lora: bool) -> None:
+    """The DeepSpeed shard (LoRA: its trainable parameters) and this rank's RNG states, from a verified checkpoint."""
     from safetensors.torch import load_file
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return 0, None
-    with ckpt.as_directory() as d:
-        verify_checkpoint(d, run_id)
-        _, client = engine.load_checkpoint(d, tag="ds", load_module_strict=not lora)
-        trainer = Path(d) / f"trainer_rank{rank}.json"
-        state = json.loads(trainer.read_text()) if trainer.is_file() else None
-        rng = Path(d) / f"rng_rank{rank}.safetensors"
-        if rng.is_file():
-            rngs = load_file(str(rng))
-            torch.set_rng_state(rngs["torch"])
-            if "cuda" in rngs and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rngs["cuda"])
-    return int(client["step"]), state
+    engine.load_checkpoint(str(directory), tag="ds", load_module_strict=not lora)
+    rng = Path(directory) / f"rng_rank{rank}.safetensors"
+    if rng.is_file():
+        rngs = load_file(str(rng))
+        torch.set_rng_state(rngs["torch"])
+        if "cuda" in rngs and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rngs["cuda"])
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
@@ -257,17 +263,21 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(cfg, lora, str(device), train_dtype(bf16))
-    policy = image_policy(model)
-    engine, *_ = deepspeed.initialize(model=model.net, optimizer=build_optimizer(model.net.parameters(), cfg),
-                                      config=ds_config(cfg, bf16))
-    start, state = restore_checkpoint(engine, rank, run_id, lora)
-    window = cfg.shuffle_window
-    samples_per_step = cfg.batch_size * cfg.grad_accum
-    position = ((state["data"]["window"], state["data"]["pos"]) if state else
-                (start * samples_per_step // window, 0))  # no state (the worker count changed): the nearest window
-    stream = RankStream(load_index(index_dir), rank, world, policy, cfg.seed, window, start=position, reader="ray",
-                        rows_hint=(cfg.steps - start) * samples_per_step, ingest_cpus=cfg.ingest_cpus,
-                        ingest_tasks=cfg.ingest_tasks)
+    ckpt = ray.train.get_checkpoint()
+    with ckpt.as_directory() if ckpt is not None else nullcontext(None) as ckpt_dir:
+        start, state = checkpoint_state(ckpt_dir, rank, run_id)
+        window = cfg.shuffle_window
+        samples_per_step = cfg.batch_size * cfg.grad_accum
+        position = ((state["data"]["window"], state["data"]["pos"]) if state else
+                    (start * samples_per_step // window, 0))  # no state (the worker count changed): the nearest window
+        stream = RankStream(load_index(index_dir), rank, world, image_policy(model), cfg.seed, window, start=position,
+                            reader="ray", rows_hint=(cfg.steps - start) * samples_per_step,
+                            ingest_cpus=cfg.ingest_cpus, ingest_tasks=cfg.ingest_tasks)
+        stream.start()  # the ingest's start-up overlaps DeepSpeed's set-up and the checkpoint load
+        engine, *_ = deepspeed.initialize(model=model.net, optimizer=build_optimizer(model.net.parameters(), cfg),
+                                          config=ds_config(cfg, bf16))
+        if ckpt_dir is not None:
+            load_engine_state(engine, ckpt_dir, rank, lora)
     world_spec_ = world_of(model)
     augment = None
     if cfg.augment and world_spec_ is not None:
@@ -313,6 +323,7 @@ def train_loop(config: dict) -> None:
         print(f"run already complete at step {start}: exporting only")
 
     probe = stream.next(cfg.batch_size)  # the export check's batch: the next rows of the rank's stream
+    stream.close()
     export = export_model(cfg, model, engine, probe, rank, device, train_dtype(bf16), lora)
     if stream.malformed:
         storage.write_text(run.uri("quarantine", f"train_rank{rank}.jsonl"),

@@ -62,7 +62,8 @@ def base_model(small_world, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3_server):
+    """A local Ray cluster started after the loopback S3 server, so that its workers inherit the AWS_* variables."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False)
@@ -118,6 +119,9 @@ def test_plan_shares_epochs_ranks_and_resume():
     head = [e.meta["id"] for e in part.next(11)]
     resumed = RankStream(idx, 1, 3, policy, seed=5, window=7, start=part.position)
     assert head + [e.meta["id"] for e in resumed.next(19)] == ids
+    early = RankStream(idx, 1, 3, policy, seed=5, window=7)
+    early.start()  # reading begins in a thread before the first `next`: the same rows
+    assert [e.meta["id"] for e in early.next(30)] == ids
     # fewer rows (5) than ranks x batch: every rank still gets full batches (rows repeat)
     for rank in range(3):
         assert len(RankStream(idx, rank, 3, policy, seed=0, window=4).next(16)) == 16
