@@ -207,7 +207,7 @@ class RankStream:
         import ray
 
         if not self.index.uri:
-            raise ValueError("reader='ray' needs an index recorded on storage every node can read (build_index(out_dir=...))")
+            raise ValueError("reader='ray' needs an index recorded on storage every node can read (dynboot.data_index.record_index)")
         n = max(2, -(-max(self.rows_hint - self.rows, 0) // max(1, self.window)) + 2)
         ds = ray.data.range(n, override_num_blocks=n).map_batches(
             _read_windows, batch_size=1, num_cpus=self.ingest_cpus, compute=ray.data.TaskPoolStrategy(size=self.ingest_tasks),
