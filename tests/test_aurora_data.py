@@ -139,6 +139,14 @@ def test_clip_pairs_from_real_footage(tmp_path):
     assert not np.array_equal(ex[0].before, ex[0].after)  # first and last frame of a moving clip differ
     quarantine = [json.loads(x) for x in (out / "quarantine" / "clips.jsonl").read_text().splitlines()]
     assert sorted(q["row"] for q in quarantine) == [3, 5, 6, 7]
+    # the same through the job's command line (key=value overrides)
+    from dynboot.config import load_config
+    from jobs.clip_pairs import ClipPairsConfig, run
+
+    job = run(load_config(ClipPairsConfig, [f"manifest={manifest}", f"out={tmp_path / 'job'}", f"videos={clips}",
+                                            "extension=.mp4", "columns.video=video_id", "columns.start=start_timestamp",
+                                            "columns.end=stop_timestamp", "columns.label=narration"]))
+    assert job["pairs"] == 3 and job["reasons"] == summary["reasons"]
 
 
 def test_parse_time_spellings():

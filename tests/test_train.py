@@ -1,7 +1,7 @@
 """Training: the mixture plan, the data index, checkpoint trust, the config, and the Ray Train + DeepSpeed job on a
 local Ray cluster (recipe tests: the job's per-step losses are the plain loop's, to 1e-4).
 
-    python -m pytest -q tests/test_train.py                  # ~8 min on 2 cores (5 Ray Train runs, 2 restarts)
+    python -m pytest -q tests/test_train.py                  # 5 Ray Train runs, 2 restarts: 17 min on 2 shared cores at load ~50
     python -m pytest -q tests/test_train.py -m "not slow"    # plan, index, manifests, config: seconds
 
 The first DeepSpeed use on a machine JIT-builds its shm comm op (~1 min, cached in ~/.cache/torch_extensions).
