@@ -3,50 +3,60 @@
     dynboot train jobs/configs/train_idp.yaml                  # IDP on runs/world/gold -> runs/idp/model
     dynboot train jobs/configs/train_fdp.yaml                  # FDP on gold + runs/filter/shards -> runs/fdp/model
     dynboot train jobs/configs/train_fdp.yaml out=runs/fdp_gold data=runs/world/gold     # gold only
-    python -m jobs.train jobs/configs/train_idp.yaml steps=200 zero_stage=3 lora.enabled=true
+    dynboot train jobs/configs/train_paper_idp.yaml            # the paper's IDP recipe on AURORA (jobs/configs)
     ray job submit --working-dir . -- python -m jobs.train jobs/configs/train_fdp.yaml \\
-        num_workers=8 use_gpu=true model_path=/models/liquid-7b backend=liquid out=/shared/runs/fdp
+        num_workers=8 use_gpu=true model_path=s3://models/liquid-7b backend=liquid out=s3://runs/fdp
 
-Stages (resources beside each; `out` must be on storage every worker can reach: it is Ray Train's
-storage_path, and rank 0 writes metrics.jsonl and the export there):
-  1. data (driver, Ray Data): AURORA sources -> read tasks that load the PNGs; Parquet shards ->
-     read_parquet; one `src` column per source; union. Nothing is decoded on the driver.
+Every path is a URI (local, s3://, gs://, file://: dynboot.storage): `data`, `eval_data`, `model_path` (fetched
+once per node into a local cache) and `out` (Ray Train's storage: checkpoints go there; a cluster shares no disk).
+
+Stages (resources beside each):
+  1. data index (driver, once per run): every source resolved into chunks of rows and recorded in `out/data/`
+     (dynboot.data_index: committed Parquet files and their footers; AURORA records with missing images counted;
+     a source with no usable pair is an error naming it, before any cluster work). A rerun reads the recorded index
+     and reports files added / removed / changed since (their rows are not used / skipped).
   2. train (num_workers x {CPU: cpus_per_worker[, GPU: 1]}; fractional CPUs because Train workers that
      reserve every CPU starve Ray Data's read tasks: the 2-CPU deadlock in reference/ray_feasibility.md §3):
-     each rank streams its shard once into a decoded pool (malformed rows counted, skipped, quarantined),
-     then draws `steps` batches with replacement from it (the mixture ratios as weights), so every rank
-     runs exactly `steps` steps, there is no epoch edge and no short last batch to hang a collective.
-     A step is the plain loop's step (`dynboot.trainer`: make_batch, build_optimizer, lr_at) run through a
-     DeepSpeed engine: ZeRO stage 0 (plain data parallel, DDP semantics) / 1 / 2 / 3, fp32 or bf16.
-  3. checkpoint every `checkpoint_every` steps and at the end, from every rank (its ZeRO shard and its
-     sampler state) into `out/checkpoints/step_NNNNNN`; a crashed worker group restarts from the latest
-     (`max_failures`), and rerunning the same command continues the same run (same out).
-  4. evaluate on rank 0 every `eval_every` steps: held-out loss, and for the embedded world IDP exact
-     match (greedy captions) / FDP exact match (greedy samples).
-  5. export (rank 0, from weights gathered from every rank, so a ZeRO-3 LoRA adapter holds real values):
-     `out/model/` = the full model with LoRA merged, a Hugging Face directory that `load_model` and
-     `from_pretrained(local_files_only=True)` load; `out/adapter/` = the PEFT adapter alone (LoRA runs;
-     its base is model_path, or `out/base/` when the base was built from scratch). The export is checked
-     against the trained engine's logits on a probe batch (summary.json: export.max_abs_logit_diff).
+     each rank streams its windows of the mixture plan (dynboot.mixture) through Ray Data read tasks
+     ({CPU: ingest_cpus} each, `ingest_tasks` at a time) that read, shuffle in a bounded window, decode and apply
+     the model's image policy (dynboot.ingest); a rank holds a few decoded batches, never its shard. Every rank
+     runs exactly `steps` steps (no epoch edge, no short last batch to hang a collective). A step is the training
+     core's (dynboot.trainer) through a DeepSpeed engine: ZeRO stage 0 (plain data parallel) / 1 / 2 / 3, fp32 or
+     bf16, optional gradient checkpointing; the model loads in its training dtype on its device.
+  3. checkpoint every `checkpoint_every` steps and at the end, from every rank (its ZeRO shard, LoRA: trainable
+     parameters only; its data position and RNG states; a manifest of digests) into `out/checkpoints/step_NNNNNN`;
+     a crashed worker group restarts from the latest (`max_failures`), rerunning the same command continues the
+     run, and a restart resumes the data at its recorded position (nothing replayed). A checkpoint is verified
+     against its manifests before DeepSpeed unpickles it (dynboot.checkpoint_manifest: the trust boundary).
+  4. evaluate every `eval_every` steps: held-out loss, and for the embedded world IDP / FDP exact match
+     (rank 0; under ZeRO-3 every rank, so that no rank builds a copy of the model).
+  5. export (jobs/train_export.py): `out/adapter/` (LoRA), `out/model/` (loadable by `load_model`), written to a
+     temporary directory, checked on the training device in the training dtype, then published.
   6. driver: metrics.jsonl -> loss_curve.png, summary.json.
+
+One job per run directory (dynboot.rundir: a lock a crash cannot leave stuck); a rerun whose config differs from
+the recorded one stops naming the fields (resume=force continues anyway, resume=off starts over).
 """
 
 from __future__ import annotations
 
-import json
+import io
 import sys
 import time
-from pathlib import Path
-from typing import Any, Literal
+import uuid
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from dynboot import storage
 from dynboot.cli import job_main
-from dynboot.config import Config, save_config
-from dynboot.mixture import ROW_COLUMNS, Source, aurora_items, aurora_rows, parse_sources, resolve_source
-from dynboot.pairs import to_table
-from dynboot.rundir import RunDir
+from dynboot.config import Config
+from dynboot.data_index import BenchmarkRefused, EmptySource, build_index, changes, load_index, record_index, resolve_kind
+from dynboot.mixture import Source, parse_sources
+from dynboot.rundir import ConfigChanged, ResumeMode, RunDir, RunDirBusy
 from dynboot.trainer import LoopConfig
+
+TinySize = Literal["xxs", "xs", "s", "m"]
 
 
 class LoraSettings(Config):
@@ -63,16 +73,25 @@ class LoraSettings(Config):
 class TrainConfig(LoopConfig):
     """dynboot train: IDP or FDP on a gold + pseudo mixture with Ray Train + DeepSpeed (LoRA or full)."""
 
-    backend: str = Field("", description="Backend name; empty = read from model_path's dynboot.json ('tiny' from scratch).")
-    model_path: str = Field("", description="Checkpoint dir to fine-tune; empty or 'scratch' = the tiny world model from scratch.")
-    size: str = Field("xs", description="Tiny model size when starting from scratch (xxs, xs, s, m).")
+    rerun_may_change: ClassVar[frozenset[str]] = frozenset({
+        "cpus_per_worker", "threads", "ingest_cpus", "ingest_tasks", "max_failures", "checkpoint_every", "keep",
+        "eval_every", "eval_limit", "eval_generate", "fault_step", "fault_rank"})
+
+    backend: str = Field("", description="Backend name (dynboot.models.registry); empty = read from model_path's "
+                         "dynboot.json ('tiny' from scratch).")
+    model_path: str = Field("", description="Checkpoint dir or URI to fine-tune; empty or 'scratch' = the tiny world "
+                            "model from scratch.")
+    size: TinySize = Field("xs", description="Tiny model size when starting from scratch.")
     data: list[Source] = Field([Source(path="runs/world/gold")],
-                               description="Mixture: a path, or a list of paths / {path, weight, tag, format} (dynboot.mixture).")
-    eval_data: str = Field("runs/world/test", description="Held-out pairs (AURORA json/dir or Parquet); empty = no evaluation.")
+                               description="Mixture: a path, or a list of paths / {path, weight, max_items, tag, format} "
+                               "(dynboot.mixture).")
+    eval_data: str = Field("runs/world/test", description="Held-out pairs (AURORA json/dir, test.json included, or "
+                           "Parquet); empty = no evaluation.")
     eval_limit: int = Field(128, ge=1, description="Held-out pairs used per evaluation.")
     eval_generate: bool = Field(True, description="World data: also greedy IDP captions / FDP samples -> exact match.")
-    out: str = Field("runs/train", description="Run directory (also Ray Train's storage: shared storage on a cluster).")
-    resume: bool = Field(True, description="Continue the run found in out/checkpoints; false starts over (old checkpoints kept aside).")
+    out: str = Field("runs/train", description="Run directory (a path or URI; also Ray Train's storage).")
+    resume: ResumeMode = Field("auto", description="auto: continue the run in `out` if its config matches; force: "
+                               "continue even if it differs; off: set the old run aside and start over.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (fractional: leaves room for Ray Data).")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false = CPU over gloo.")
@@ -81,8 +100,15 @@ class TrainConfig(LoopConfig):
     zero3_persist_below: int = Field(0, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every "
                                      "rank (DeepSpeed stage3_param_persistence_threshold; its default 100000 suits 7B models).")
     bf16: bool | Literal["auto"] = Field("auto", description="bf16 mixed precision; auto = on GPUs that support it, off on CPU.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches of batch_size per optimizer step (per worker).")
+    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="Activation checkpointing: recompute "
+                                                           "activations in the backward pass; auto = on for 7B-size models.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
+    export_merged: bool = Field(False, description="LoRA runs: out/model holds the base with the adapter merged (in the "
+                                "training dtype) instead of the adapter naming its base.")
+    shuffle_window: int = Field(256, ge=1, description="Rows per window of the mixture plan: the shuffle buffer, and "
+                                "what one read task holds (dynboot.mixture).")
+    ingest_cpus: float = Field(0.5, gt=0, description="CPUs per Ray Data read task (read + decode + image policy).")
+    ingest_tasks: int = Field(2, ge=1, description="Read tasks in flight per rank (bounds what the ingest holds).")
     checkpoint_every: int = Field(250, ge=0, description="Steps between checkpoints (0 = only at the end).")
     keep: int = Field(2, ge=1, description="Checkpoints kept.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint before the run fails.")
@@ -93,6 +119,12 @@ class TrainConfig(LoopConfig):
     @classmethod
     def _sources(cls, v: Any) -> list[Any]:
         return parse_sources(v)
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume(cls, v: Any) -> Any:
+        """YAML reads `off` as false (and old configs say true/false): booleans mean auto / off."""
+        return {True: "auto", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -109,42 +141,13 @@ class TrainConfig(LoopConfig):
         return (not self.from_scratch) if self.lora.enabled == "auto" else bool(self.lora.enabled)
 
     def resolved(self) -> "TrainConfig":
-        """Paths made absolute: Ray workers do not run in the driver's working directory."""
+        """Local paths made absolute (Ray workers do not run in the driver's working directory); URIs as they are."""
         def absolute(p: str) -> str:
-            return p if (not p or "://" in p or p == "scratch") else str(Path(p).expanduser().resolve())
+            return p if p == "scratch" else storage.absolute(p)
 
         data = [s.model_copy(update={"path": absolute(s.path)}) for s in self.data]
         return self.model_copy(update={"out": absolute(self.out), "model_path": absolute(self.model_path),
                                        "eval_data": absolute(self.eval_data), "data": data})
-
-
-# ---- stage 1: the mixture as a Ray Dataset --------------------------------------------------------------
-def _with_source(table, src: int):
-    import pyarrow as pa
-
-    return table.append_column("src", pa.array([src] * len(table), pa.int32()))
-
-
-def _read_gold(batch, src: int):
-    items = batch.to_pylist()
-    return _with_source(to_table(aurora_rows(items)).select(ROW_COLUMNS), src)
-
-
-def mixture_dataset(sources: list[Source]):
-    """One Dataset of pair rows (ROW_COLUMNS + src) over every source; images stay PNG bytes."""
-    import ray
-
-    parts = []
-    for i, src in enumerate(sources):
-        fmt, path = resolve_source(src)
-        if fmt == "aurora":  # small records on the driver; read tasks load the images
-            ds = ray.data.from_items(aurora_items(path)).map_batches(
-                _read_gold, fn_kwargs={"src": i}, batch_size=256, batch_format="pyarrow")
-        else:
-            ds = ray.data.read_parquet(path, columns=ROW_COLUMNS, file_extensions=["parquet"]).map_batches(
-                _with_source, fn_kwargs={"src": i}, batch_format="pyarrow")
-        parts.append(ds)
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def unknown_tags(cfg: TrainConfig) -> list[str]:
@@ -159,9 +162,26 @@ def unknown_tags(cfg: TrainConfig) -> list[str]:
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(cfg.model_path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(_tokenizer_dir(cfg.model_path), local_files_only=True)
     unk = tok.unk_token_id
     return [t for t in tags if unk is not None and unk in tok(t, add_special_tokens=False)["input_ids"]]
+
+
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "config.json")
+
+
+def _tokenizer_dir(model_path: str) -> str:
+    """A local directory with the checkpoint's tokenizer files: the checkpoint itself when local; for a URI, only
+    those files fetched (not the weights: the driver checks tags, it does not load the model)."""
+    if not storage.is_uri(model_path):
+        return model_path
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="dynboot-tokenizer-")
+    for uri in storage.list_files(model_path, recursive=False):
+        if storage.name(uri).startswith(TOKENIZER_FILES):
+            storage.write_bytes(storage.join(tmp, storage.name(uri)), storage.read_bytes(uri))
+    return tmp
 
 
 class InputError(ValueError):
@@ -170,17 +190,37 @@ class InputError(ValueError):
 
 def check_inputs(cfg: TrainConfig) -> None:
     try:
-        for src in [*cfg.data, *([Source(path=cfg.eval_data)] if cfg.eval_data else [])]:
-            resolve_source(src)
-    except (FileNotFoundError, ValueError) as err:
+        for src in cfg.data:
+            resolve_kind(src)
+        if cfg.eval_data:
+            resolve_kind(Source(path=cfg.eval_data), allow_test=True)
+    except (FileNotFoundError, BenchmarkRefused) as err:
         raise InputError(str(err)) from None
     if bad := unknown_tags(cfg):
         raise InputError(f"data tags {bad} are not in the model's tokenizer vocabulary (they would become <unk>); "
                          "the tiny world's word-level tokenizer knows only action words: leave tag empty")
 
 
+def _build(cfg: TrainConfig):
+    try:
+        return build_index(cfg.data)
+    except (EmptySource, ValueError) as err:
+        raise InputError(str(err)) from None
+
+
+def data_index(cfg: TrainConfig, rd: RunDir, recorded, fresh) -> tuple[Any, list[str]]:
+    """The run's data index: the recorded one (with the changes of its files since), or `fresh` (built now)
+    recorded in the run directory."""
+    if recorded is not None and [(s.path, s.weight, s.tag) for s in recorded.sources] == \
+            [(s.path, s.weight, s.tag) for s in cfg.data]:
+        return recorded, changes(recorded)
+    notes = ["the sources differ from the recorded data index (resume=force): the plan starts over on the new "
+             "sources"] if recorded is not None else []
+    return record_index(fresh or _build(cfg), rd.uri("data")), notes
+
+
 # ---- stage 6: the loss curve ------------------------------------------------------------------------------
-def plot_loss(run: RunDir) -> Path | None:
+def plot_loss(run: RunDir) -> str | None:
     rows = [r for r in run.metrics() if "loss" in r]
     if not rows:
         return None
@@ -200,19 +240,14 @@ def plot_loss(run: RunDir) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = run.path("loss_curve.png")
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
     plt.close(fig)
-    return path
+    return storage.write_bytes(run.uri("loss_curve.png"), buf.getvalue())
 
 
-def _fresh_start(run: RunDir) -> None:
-    """resume=false: set the old Ray run and its logs aside (renamed, not deleted)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in ("checkpoints", "metrics.jsonl", "attempts.jsonl", ".fault_injected"):
-        p = run.path(name)
-        if p.exists():
-            p.rename(run.path(f"{name}.old-{stamp}"))
+SET_ASIDE = ("checkpoints", "attempts.jsonl", "workers.json", ".fault_injected", "run.json", "data", "quarantine",
+             "model", "adapter", "base", "export_probe.pt", "loss_curve.png")
 
 
 # ---- the job ------------------------------------------------------------------------------------------------
@@ -226,61 +261,74 @@ def run(cfg: TrainConfig) -> dict:
     t0 = time.time()
     cfg = cfg.resolved()
     check_inputs(cfg)
-    run_dir = RunDir(cfg.out)
-    if not cfg.resume:
-        _fresh_start(run_dir)
-    save_config(cfg, run_dir.root)
+    recorded = load_index(storage.join(cfg.out, "data")) if cfg.resume != "off" else None
+    fresh = _build(cfg) if recorded is None else None  # a bad source stops here, before anything is written
+    with RunDir(cfg.out).open(cfg, resume=cfg.resume, set_aside=SET_ASIDE) as rd:
+        index, notes = data_index(cfg, rd, recorded, fresh)
+        for note in notes:
+            print(f"train: {note}", file=sys.stderr)
+        meta = rd.read_json("run.json") or {"run_id": uuid.uuid4().hex, "started": time.time()}
+        rd.write_json("run.json", meta)
+        storage_path, storage_fs = storage.ray_storage(cfg.out)
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`, else starts a local one
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one pass over small rows: bars are noise
-    try:
-        resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=cfg.model_dump(mode="json"),
-            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(name="checkpoints", storage_path=cfg.out,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep),
-                                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
-            datasets={"train": mixture_dataset(cfg.data)},
-        )
-        result = trainer.fit()
-    finally:
+        started = not ray.is_initialized()
         if started:
-            ray.shutdown()
+            ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`, else starts a local one
+        try:
+            resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+            trainer = TorchTrainer(
+                train_loop,
+                train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": meta["run_id"],
+                                   "index_dir": storage.parent(index.uri)},
+                torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+                scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+                run_config=RunConfig(name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
+                                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep),
+                                     failure_config=FailureConfig(max_failures=cfg.max_failures)),
+            )
+            result = trainer.fit()
+        finally:
+            if started:
+                ray.shutdown()
+        summary = summarise(cfg, rd, index, notes, result, time.time() - t0)
+    print(f"train {cfg.task}: {summary['steps']} steps, loss {summary['final_loss']}, eval {summary['eval']}, "
+          f"{summary['malformed_rows']} malformed rows skipped; model -> {summary['export'].get('model')}")
+    return summary
 
-    plot_loss(run_dir)
-    workers = json.loads(run_dir.path("workers.json").read_text())
-    steps = [r for r in run_dir.metrics() if "loss" in r]
+
+def summarise(cfg: TrainConfig, rd: RunDir, index, notes: list[str], result, seconds: float) -> dict:
+    plot_loss(rd)
+    workers = rd.read_json("workers.json")
+    steps = [r for r in rd.metrics() if "loss" in r]
     last_eval = next((r for r in reversed(steps) if "eval_loss" in r), {})
+    malformed = sorted({m for w in workers["ranks"] for m in w["malformed"]})
+    rows = sum(s.rows for s in index.sources)
     summary = {
         "task": cfg.task, "steps": cfg.steps, "num_workers": cfg.num_workers, "zero_stage": cfg.zero_stage,
-        "lora": cfg.use_lora, "bf16": workers["bf16"],
-        "examples": sum(w["examples"] for w in workers["ranks"]),
-        "malformed_rows": sum(w["malformed"] for w in workers["ranks"]),
+        "lora": cfg.use_lora, "bf16": workers["bf16"], "rows": rows, "examples": rows - len(malformed),
+        "malformed_rows": len(malformed), "data": index.summary(), "data_changes": notes,
         "attempts": workers["attempt_starts"], "resumed_from_step": workers["start_step"],
         "final_loss": steps[-1]["loss"] if steps else None,
         "eval": {k: v for k, v in last_eval.items() if k.startswith("eval_")},
         "samples_per_s": steps[-1]["samples_per_s"] if steps else None,
         "tokens_per_s": steps[-1]["tokens_per_s"] if steps else None,
+        "data_wait_s_per_worker": [w["data_wait_s"] for w in workers["ranks"]],
         "peak_rss_mb_per_worker": [w["peak_rss_mb"] for w in workers["ranks"]],
         "export": workers["export"],
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(seconds, 1),
     }
-    run_dir.write_summary(summary)
-    print(f"train {cfg.task}: {summary['steps']} steps, loss {summary['final_loss']}, eval {summary['eval']}, "
-          f"{summary['malformed_rows']} malformed rows skipped; model -> {workers['export'].get('model')}")
+    if rows < cfg.num_workers * cfg.batch_size:
+        summary["data_note"] = (f"{rows} rows for {cfg.num_workers} workers x batch {cfg.batch_size}: rows repeat "
+                                "within every step")
+    rd.write_summary(summary)
     return summary
 
 
 def main(cfg: TrainConfig) -> None:
     try:
         run(cfg)
-    except InputError as err:
+    except (InputError, ConfigChanged, RunDirBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -1,8 +1,9 @@
 """One Ray Train worker of `dynboot train` (see jobs/train.py for the stages and the design).
 
-Per rank: build the model (+ PEFT LoRA) -> stream this rank's shard into a decoded pool -> DeepSpeed
-engine around the plain loop's optimizer -> restore the latest checkpoint -> `steps` steps, each the plain
-loop's step (`dynboot.trainer`) -> checkpoints from every rank -> evaluation on rank 0 -> export on rank 0.
+Per rank: build the model (in its training dtype, on its device; gradient checkpointing; PEFT LoRA) -> DeepSpeed
+engine around the core's optimizer -> restore the latest checkpoint (verified first: dynboot.checkpoint_manifest)
+-> the rank's stream of the mixture from its recorded position (dynboot.ingest) -> `steps` steps of the training
+core (dynboot.trainer), rank 0 logging -> checkpoints from every rank -> evaluation -> export (jobs/train_export.py).
 """
 
 from __future__ import annotations
@@ -19,23 +20,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynboot.mixture import PoolBuilder, Source, gold_only, load_mixture
+from dynboot import storage
+from dynboot.checkpoint_manifest import verify_checkpoint, write_manifest
+from dynboot.data_index import build_index, load_index
+from dynboot.ingest import RankStream, image_policy, read_examples
+from dynboot.mixture import Source, gold_only
 from dynboot.models.base import UnifiedModel
-from dynboot.rundir import append_jsonl, atomic_write_text, read_jsonl, write_json
-from dynboot.trainer import Batcher, build_optimizer, lr_at, make_batch
+from dynboot.rundir import RunDir, read_jsonl, write_json
+from dynboot.trainer import TrainCore, build_optimizer
 
-SEED_STRIDE = 1_000_003  # rank r samples with seed + r * SEED_STRIDE; rank 0 draws the plain loop's batches
-PROBE = 8  # examples in the export-check batch
 FAULT_DELAY_S = 6.0
 
 
 # ---- model ------------------------------------------------------------------------------------------------
 def world_spec(cfg):
-    """The embedded world's spec when training on world data (from a data source's or eval set's world.json)."""
+    """The embedded world's spec when training on world data (a local data source's or eval set's world.json)."""
     from dynboot.world.generate import load_spec
 
     for p in [s.path for s in cfg.data] + [cfg.eval_data]:
-        if p and "://" not in p:
+        if p and not storage.is_uri(p):
             try:
                 return load_spec(p)
             except FileNotFoundError:
@@ -43,25 +46,56 @@ def world_spec(cfg):
     return None
 
 
-def build_model(cfg, spec, lora: bool) -> UnifiedModel:
-    """The model to train (in train mode); with `lora`, `model.net` is the PEFT-wrapped network."""
+def world_of(model: UnifiedModel):
+    """The model's embedded world (its WorldSpec) when it reads world frames: the capability behind the world's
+    augmentation and exact metrics (a model without one gets neither)."""
+    from dynboot.world.scene import WorldSpec
+
+    spec = getattr(model, "spec", None)
+    return spec if isinstance(spec, WorldSpec) else None
+
+
+def train_dtype(bf16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def set_gradient_checkpointing(model: UnifiedModel, setting) -> bool:
+    """Activation checkpointing on (True), off (False), or the backend's default ("auto": on for 7B-size models)."""
+    enable = None if setting == "auto" else bool(setting)
+    if hasattr(model, "gradient_checkpointing"):
+        return bool(model.gradient_checkpointing(enable))
+    # backends without the method yet: transformers' own switch, on by parameter count
+    net = model.net
+    if enable is None:
+        enable = sum(p.numel() for p in net.parameters()) >= 1e9
+    if enable:
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return bool(enable)
+
+
+def build_model(cfg, lora: bool, device: str = "cpu", dtype: torch.dtype = torch.float32) -> UnifiedModel:
+    """The model to train (in train mode), loaded in `dtype` on `device`; with `lora`, `model.net` is PEFT-wrapped."""
     if cfg.from_scratch:
         from dynboot.models.tiny import TinyWorldModel
 
+        spec = world_spec(cfg)
         if spec is None:
             raise ValueError("model_path is empty (tiny model from scratch) but no data source is a `dynboot world` dir")
-        model = TinyWorldModel.create(spec, cfg.size, seed=cfg.seed)
+        model = TinyWorldModel.create(spec, cfg.size, seed=cfg.seed).to(device)
     else:
         from dynboot.models.registry import load_model
 
-        model = load_model(cfg.model_path, backend=cfg.backend or None)
+        model = load_model(storage.local_model_dir(cfg.model_path), backend=cfg.backend or None, device=device, dtype=dtype)
+    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     if lora:
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.lora.target_modules or model.lora_target_modules()
-        model.net = get_peft_model(model.net, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                                                         lora_dropout=cfg.lora.dropout, target_modules=targets,
-                                                         task_type="CAUSAL_LM"))
+        lora_cfg = (model.lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
+                    if hasattr(model, "lora_config") else
+                    LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                               target_modules=targets, task_type="CAUSAL_LM"))
+        model.net = get_peft_model(model.net, lora_cfg)
     return model.train()
 
 
@@ -80,26 +114,21 @@ def ds_config(cfg, bf16: bool) -> dict:
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 
-def gathered_state_dict(module: torch.nn.Module, stage3: bool, rank: int) -> dict | None:
-    """Full CPU copies of every parameter on rank 0 (None elsewhere). Under ZeRO-3 each parameter is
-    gathered from all ranks first (a collective: every rank calls this), so partitioned weights and LoRA
-    adapters come out with their real values, not as empty placeholders."""
-    import deepspeed
+class EngineStepper:
+    """The core's stepper for a DeepSpeed engine (it scales by 1/grad_accum, reduces, clips, steps at the boundary)."""
 
-    out = {} if rank == 0 else None
-    for name, p in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None) if stage3 else nullcontext():
-            if out is not None:
-                out[name] = p.detach().float().cpu().clone()
-    return out
+    def __init__(self, engine):
+        self.net = engine
 
+    def set_lr(self, lr: float) -> None:
+        for g in self.net.optimizer.param_groups:
+            g["lr"] = lr
 
-def load_parameters(net: torch.nn.Module, state: dict) -> None:
-    names = {n for n, _ in net.named_parameters()}
-    missing = names - set(state)
-    if missing:
-        raise RuntimeError(f"gathered state lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
-    net.load_state_dict(state, strict=False)
+    def backward(self, loss: torch.Tensor) -> None:
+        self.net.backward(loss)
+
+    def step(self) -> None:
+        self.net.step()
 
 
 def model_state_mb(engine, stage3: bool) -> dict:
@@ -116,111 +145,101 @@ def model_state_mb(engine, stage3: bool) -> dict:
     return {"params_mb": mb(params), "master_mb": mb(master), "optimizer_mb": mb(moments)}
 
 
-def probe_outputs(model: UnifiedModel, net, batch: dict) -> torch.Tensor:
-    """Logits of a batch (causal-lm backends), else the loss: what the export check compares."""
-    with torch.no_grad():
-        if hasattr(model, "_forward"):
-            return model._forward(net, batch, diff=batch.get("diff_flags")).logits.float().cpu()
-        return model.loss(batch, net=net).float().cpu().reshape(1)
+def plain_reference(cfg) -> list[dict]:
+    """The plain single-process loop (torch AdamW, the stream read in this process) on exactly what the job's rank 0
+    of a 1-worker run trains on: same model build and seed, same plan, same augmentation draws. The recipe tests and
+    the benchmark compare the job with it."""
+    from dynboot.data_index import build_index
+    from dynboot.trainer import TrainLoop
+
+    cfg = cfg.resolved()
+    torch.manual_seed(cfg.seed)  # as the worker does before building the model (LoRA init, then dropout)
+    model = build_model(cfg, cfg.use_lora)
+    stream = RankStream(build_index(cfg.data), 0, 1, image_policy(model), cfg.seed, cfg.shuffle_window)
+    augment = None
+    if cfg.augment and world_of(model) is not None:
+        from dynboot.world.augment import world_augmenter
+
+        augment = gold_only(world_augmenter(world_of(model)))
+    return TrainLoop(model, cfg, augment=augment, batches=stream).run()
 
 
-# ---- data -------------------------------------------------------------------------------------------------
-def read_shard(cfg, rank: int):
-    """This rank's rows, streamed once from its Ray Data shard into a decoded pool."""
-    import ray.train
-
-    builder = PoolBuilder(cfg.data, cfg.task)
-    for table in ray.train.get_dataset_shard("train").iter_batches(batch_size=256, batch_format="pyarrow"):
-        builder.add_table(table)
-    pool = builder.finish()
-    quarantine = Path(cfg.out) / "quarantine" / f"train_rank{rank}.jsonl"
-    if pool.malformed or quarantine.exists():
-        atomic_write_text(quarantine, "".join(json.dumps(m) + "\n" for m in pool.malformed))
-    return pool
-
-
-# ---- evaluation (rank 0) --------------------------------------------------------------------------------------
+# ---- evaluation ----------------------------------------------------------------------------------------------
 class Evaluator:
-    def __init__(self, cfg, spec):
-        self.cfg, self.spec = cfg, spec
-        pool = load_mixture([Source(path=cfg.eval_data)], cfg.task)
-        self.examples = pool.examples[: cfg.eval_limit]
+    """Held-out loss (+ the world's exact metrics). Under ZeRO-3 every rank runs it on the same examples (the
+    partitioned model gathers its layers in each forward, so no rank builds a copy of the model)."""
+
+    def __init__(self, cfg, model: UnifiedModel):
+        self.cfg, self.world = cfg, world_of(model)
+        index = build_index([Source(path=cfg.eval_data)], allow_test=True)
+        self.examples, _ = read_examples(index, image_policy(model), cfg.eval_limit)
 
     def __call__(self, model: UnifiedModel) -> dict:
+        from dynboot.trainer import make_batch
+
         cfg, ex = self.cfg, self.examples
-        model.eval()
         losses, sizes = [], []
         with torch.no_grad():
             for i in range(0, len(ex), cfg.batch_size):
                 chunk = ex[i: i + cfg.batch_size]
                 losses.append(float(model.loss(make_batch(model, chunk, cfg.task, cfg))))
                 sizes.append(len(chunk))
-        out = {"eval_loss": round(float(np.average(losses, weights=sizes)), 5)}
-        if cfg.eval_generate and self.spec is not None and getattr(model, "backend", "") == "tiny":
-            out |= self._world_exact(model)
-        model.train()
+        out = {"eval_loss": round(float(np.average(losses, weights=sizes)), 5)} if ex else {}
+        if ex and cfg.eval_generate and self.world is not None:
+            from dynboot.world_eval import fdp_eval, idp_eval
+
+            if cfg.task == "idp":
+                out["eval_exact"] = round(idp_eval(model, ex, self.world)["exact"], 4)
+            else:
+                m = fdp_eval(model, ex, self.world)
+                out |= {"eval_exact": round(m["exact"], 4), "eval_changed_cell_acc": round(m["changed_cell_acc"], 4)}
         return out
-
-    def _world_exact(self, model) -> dict:
-        from dynboot.metrics import fdp_world_metrics, idp_world_metrics
-
-        before = np.stack([e.before for e in self.examples])
-        after = np.stack([e.after for e in self.examples])
-        actions = [e.action for e in self.examples]
-        bs = self.cfg.batch_size
-        if self.cfg.task == "idp":
-            caps = [c for i in range(0, len(actions), bs) for c in model.caption(before[i: i + bs], after[i: i + bs])]
-            return {"eval_exact": round(idp_world_metrics(self.spec, caps, actions)["exact"], 4)}
-        pred = torch.cat([model.sample(before[i: i + bs], actions[i: i + bs], n=1, temperature=0)[:, 0]
-                          for i in range(0, len(actions), bs)])
-        tok = model.tokenizer
-        m = fdp_world_metrics(pred.numpy(), tok.encode(before).numpy(), tok.encode(after).numpy())
-        return {"eval_exact": round(m["exact"], 4), "eval_changed_cell_acc": round(m["changed_cell_acc"], 4)}
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
-def save_checkpoint(engine, batcher: Batcher, step: int, rank: int, metrics: dict) -> None:
-    """Every rank saves its DeepSpeed shard and sampler state, then every rank reports (Ray merges them)."""
+def save_checkpoint(engine, core: TrainCore, stream: RankStream, step: int, rank: int, run_id: str, lora: bool,
+                    metrics: dict) -> None:
+    """Every rank saves its DeepSpeed shard (trainable parameters only for LoRA), its data position and RNG
+    states (JSON + safetensors: nothing pickled), and a manifest of what it wrote; then every rank reports."""
     import ray.train
+    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="dynboot-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag="ds", client_state={"step": step})
-        torch.save({"numpy": batcher.rng.bit_generator.state, "torch": torch.get_rng_state()},
-                   Path(tmp) / f"rng_rank{rank}.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{step:06d}")
+        engine.save_checkpoint(tmp, tag="ds", client_state={"step": step}, exclude_frozen_parameters=lora)
+        state = {"step": step, "data": stream.state(), "augment_rng": core.rng.bit_generator.state}
+        Path(tmp, f"trainer_rank{rank}.json").write_text(json.dumps(state))
+        rngs = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+        save_file(rngs, str(Path(tmp, f"rng_rank{rank}.safetensors")))
+        write_manifest(tmp, run_id, f"rank{rank}")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step_{step:06d}")
 
 
-def restore_checkpoint(engine, batcher: Batcher, rank: int) -> int:
-    """The step to start from: 0, or the latest checkpoint's (engine, optimizer and sampler restored)."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return 0
-    with ckpt.as_directory() as d:
-        _, client = engine.load_checkpoint(d, tag="ds")
-        rng = Path(d) / f"rng_rank{rank}.pt"
-        if rng.exists():  # absent when the worker count changed: the sampler then restarts from its seed
-            state = torch.load(rng, weights_only=False)
-            batcher.rng.bit_generator.state = state["numpy"]
-            torch.set_rng_state(state["torch"])
-    return int(client["step"])
+def checkpoint_state(directory: Path | None, rank: int, run_id: str) -> tuple[int, dict | None]:
+    """(step, this rank's trainer state) of a checkpoint directory, verified against this run's manifests first
+    (nothing in it is unpickled before that); (0, None) without a checkpoint. The state is None when this rank
+    wrote none (the worker count changed)."""
+    if directory is None:
+        return 0, None
+    verify_checkpoint(directory, run_id)
+    mine = Path(directory) / f"trainer_rank{rank}.json"
+    any_rank = sorted(Path(directory).glob("trainer_rank*.json"))
+    if not any_rank:
+        raise RuntimeError(f"checkpoint {directory} holds no trainer state: not a checkpoint of this job")
+    state = json.loads(mine.read_text()) if mine.is_file() else None
+    return int((state or json.loads(any_rank[0].read_text()))["step"]), state
 
 
-def train_step(engine, model: UnifiedModel, batcher: Batcher, cfg) -> tuple[float, int]:
-    """One optimizer step = `grad_accum` micro-steps of the plain loop's step through the engine (which
-    scales the loss by 1/grad_accum, all-reduces or reduce-scatters gradients, clips and steps at the
-    boundary). Returns the mean micro-batch loss and the tokens seen."""
-    loss_sum, tokens = 0.0, 0
-    for _ in range(cfg.grad_accum):
-        batch = make_batch(model, batcher.next(), cfg.task, cfg)
-        loss = model.loss(batch, net=engine)
-        engine.backward(loss)
-        engine.step()
-        loss_sum += float(loss.detach())
-        tokens += int(batch["attention_mask"].sum())
-    return loss_sum / cfg.grad_accum, tokens
+def load_engine_state(engine, directory: Path, rank: int, lora: bool) -> None:
+    """The DeepSpeed shard (LoRA: its trainable parameters) and this rank's RNG states, from a verified checkpoint."""
+    from safetensors.torch import load_file
+
+    engine.load_checkpoint(str(directory), tag="ds", load_module_strict=not lora)
+    rng = Path(directory) / f"rng_rank{rank}.safetensors"
+    if rng.is_file():
+        rngs = load_file(str(rng))
+        torch.set_rng_state(rngs["torch"])
+        if "cuda" in rngs and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rngs["cuda"])
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
@@ -230,89 +249,88 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from jobs.train import TrainConfig
+    from jobs.train_export import export_model
 
-    cfg = TrainConfig.model_validate(config)
+    cfg = TrainConfig.model_validate(config["cfg"])
+    run_id, index_dir = config["run_id"], config["index_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    out, lora, bf16, stage3 = Path(cfg.out), cfg.use_lora, use_bf16(cfg), cfg.zero_stage == 3
-
-    spec = world_spec(cfg)
-    model = build_model(cfg, spec, lora)
+    lora, bf16, stage3 = cfg.use_lora, use_bf16(cfg), cfg.zero_stage == 3
+    run = RunDir(cfg.out)
     device = ray.train.torch.get_device()
-    model.to(device)
-    pool = read_shard(cfg, rank)
+
+    model = build_model(cfg, lora, str(device), train_dtype(bf16))
+    ckpt = ray.train.get_checkpoint()
+    with ckpt.as_directory() if ckpt is not None else nullcontext(None) as ckpt_dir:
+        start, state = checkpoint_state(ckpt_dir, rank, run_id)
+        window = cfg.shuffle_window
+        samples_per_step = cfg.batch_size * cfg.grad_accum
+        position = ((state["data"]["window"], state["data"]["pos"]) if state else
+                    (start * samples_per_step // window, 0))  # no state (the worker count changed): the nearest window
+        stream = RankStream(load_index(index_dir), rank, world, image_policy(model), cfg.seed, window, start=position,
+                            reader="ray", rows_hint=(cfg.steps - start) * samples_per_step,
+                            ingest_cpus=cfg.ingest_cpus, ingest_tasks=cfg.ingest_tasks)
+        stream.start()  # the ingest's start-up overlaps DeepSpeed's set-up and the checkpoint load
+        engine, *_ = deepspeed.initialize(model=model.net, optimizer=build_optimizer(model.net.parameters(), cfg),
+                                          config=ds_config(cfg, bf16))
+        if ckpt_dir is not None:
+            load_engine_state(engine, ckpt_dir, rank, lora)
+    world_spec_ = world_of(model)
     augment = None
-    if cfg.augment and spec is not None and model.backend == "tiny":
+    if cfg.augment and world_spec_ is not None:
         from dynboot.world.augment import world_augmenter
 
-        augment = gold_only(world_augmenter(spec))
-    batcher = Batcher(pool.examples, cfg.batch_size, cfg.seed + SEED_STRIDE * rank, augment, pool.sampling_weights(cfg.data))
+        augment = gold_only(world_augmenter(world_spec_))
 
-    engine, *_ = deepspeed.initialize(model=model.net, optimizer=build_optimizer(model.net.parameters(), cfg),
-                                      config=ds_config(cfg, bf16))
-    start = restore_checkpoint(engine, batcher, rank)
-    evaluator = Evaluator(cfg, spec) if (rank == 0 and cfg.eval_data) else None
-    eval_model = None
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        if world == 1:
+            return t
+        t = t.to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(t)
+        return t.cpu()
+
+    core = TrainCore(model, cfg, stream, EngineStepper(engine), augment, rank, world, all_reduce)
+    if state:
+        core.rng.bit_generator.state = state["augment_rng"]
+    evaluator = Evaluator(cfg, model) if cfg.eval_data and (rank == 0 or stage3) else None
     if rank == 0:
-        append_jsonl(out / "attempts.jsonl", {"start_step": start, "time": time.time()})
-        kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= start]
-        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+        attempts = read_jsonl(run.uri("attempts.jsonl")) + [{"start_step": start, "time": time.time()}]
+        storage.write_text(run.uri("attempts.jsonl"), "".join(json.dumps(a) + "\n" for a in attempts))
+        kept = [r for r in read_jsonl(run.uri("metrics.jsonl")) if r.get("step", 0) <= start]
+        storage.write_text(run.uri("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
 
-    model.train()
-    t_train, cpu_train, t_start = 0.0, 0.0, time.time()
-    totals = torch.zeros(2, dtype=torch.float64)  # tokens, samples (all ranks)
-    samples_per_step = cfg.batch_size * cfg.grad_accum
-    for s in range(start, cfg.steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        lr = lr_at(s, cfg)
-        for g in engine.optimizer.param_groups:
-            g["lr"] = lr
-        loss, tokens = train_step(engine, model, batcher, cfg)
-        stats = torch.tensor([loss, tokens, samples_per_step], dtype=torch.float64)
-        if world > 1:  # NCCL reduces device tensors only
-            stats = stats.to(device)
-            dist.all_reduce(stats)
-            stats = stats.cpu()
-        t_train += time.perf_counter() - t0
-        cpu_train += time.process_time() - c0
-        totals += stats[1:]
-        step = s + 1
-        rec = {"step": step, "loss": round(stats[0].item() / world, 6), "lr": lr, "tokens": int(stats[1]),
-               "samples_per_s": round(float(totals[1]) / t_train, 2), "tokens_per_s": round(float(totals[0]) / t_train, 1),
-               "train_s": round(t_train, 3), "cpu_s": round(cpu_train, 3)}
-        last = step == cfg.steps
-        if cfg.eval_data and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-            if stage3:  # partitioned weights: gather a full copy into a separate model on rank 0
-                state = gathered_state_dict(engine.module, True, rank)
-                if rank == 0:
-                    eval_model = eval_model or build_model(cfg, spec, lora)
-                    load_parameters(eval_model.net, state)
-            if rank == 0:
-                rec |= evaluator(eval_model if stage3 else model)
-        if rank == 0:
-            append_jsonl(out / "metrics.jsonl", rec | {"time_s": round(time.time() - t_start, 3)})
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
-            save_checkpoint(engine, batcher, step, rank, {k: v for k, v in rec.items() if isinstance(v, (int, float))})
-        if cfg.fault_step == step and rank == cfg.fault_rank and not (out / ".fault_injected").exists():
-            (out / ".fault_injected").touch()
+    def on_eval(step: int) -> dict:
+        return evaluator(model) if evaluator else {}
+
+    def after_step(step: int, rec: dict) -> None:
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            run.flush()  # metrics up to a checkpoint survive a crash (object storage buffers them)
+            save_checkpoint(engine, core, stream, step, rank, run_id, lora,
+                            {k: v for k, v in rec.items() if isinstance(v, (int, float))})
+        if cfg.fault_step == step and rank == cfg.fault_rank and not storage.exists(run.uri(".fault_injected")):
+            storage.write_text(run.uri(".fault_injected"), "")
             # Ray Train's controller collects reports by polling workers (every 2 s): a report still queued
             # in a worker that dies is lost, so the injected crash waits until the last one was collected
             time.sleep(FAULT_DELAY_S)
             os._exit(1)  # a hard crash, as a killed or OOM worker: the group restarts from the checkpoint
+
+    core.run(start, on_eval=on_eval if evaluator else None, log=run.log if rank == 0 else None, after_step=after_step)
+    run.flush()
     if start >= cfg.steps and rank == 0:
         print(f"run already complete at step {start}: exporting only")
 
-    # export: gather (all ranks) -> probe with the engine (all ranks) -> write + check (rank 0)
-    state = gathered_state_dict(engine.module, stage3, rank)
-    probe = make_batch(model, pool.examples[:PROBE], cfg.task, cfg)
-    engine.eval()
-    ref = probe_outputs(model, engine, probe)
-    export = export_model(cfg, spec, lora, state, model, probe, ref) if rank == 0 else {}
-    peak = {"rank": rank, "examples": len(pool.examples), "malformed": len(pool.malformed), "train_s": round(t_train, 3),
-            "cpu_s": round(cpu_train, 3), "samples": int(totals[1]) // world,
+    probe = stream.next(cfg.batch_size)  # the export check's batch: the next rows of the rank's stream
+    stream.close()
+    export = export_model(cfg, model, engine, probe, rank, device, train_dtype(bf16), lora)
+    if stream.malformed:
+        storage.write_text(run.uri("quarantine", f"train_rank{rank}.jsonl"),
+                           "".join(json.dumps({"id": k, "error": v, "stage": "train"}) + "\n" for k, v in stream.malformed.items()))
+    peak = {"rank": rank, "malformed": sorted(stream.malformed), "skipped_rows": stream.skipped,
+            "train_s": round(core.t_train, 3), "cpu_s": round(core.cpu_train, 3), "samples": core.samples // world,
+            "data_wait_s": round(stream.wait_s, 3), "position": stream.state(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else 0.0,
             **model_state_mb(engine, stage3)}
@@ -322,38 +340,5 @@ def train_loop(config: dict) -> None:
     else:
         ranks = [peak]
     if rank == 0:
-        write_json(out / "workers.json", {"ranks": ranks, "bf16": bf16, "start_step": start, "export": export,
-                                          "attempt_starts": [a["start_step"] for a in read_jsonl(out / "attempts.jsonl")]})
-
-
-# ---- export (rank 0) --------------------------------------------------------------------------------------------------
-def export_model(cfg, spec, lora: bool, state: dict, trained: UnifiedModel, probe: dict, ref: torch.Tensor) -> dict:
-    """Write out/model (merged, loadable) [+ out/adapter, + out/base for a scratch base] and check them."""
-    from safetensors.torch import load_file
-
-    from dynboot.models.registry import load_model
-
-    out = Path(cfg.out)
-    fresh = build_model(cfg, spec, lora)
-    load_parameters(fresh.net, state)
-    info: dict = {"model": str(out / "model")}
-    if lora:
-        if cfg.from_scratch:  # the adapter needs its base: the same seeded initialisation, saved once
-            base_dir = build_model(cfg, spec, False).save(out / "base")
-            fresh.net.peft_config["default"].base_model_name_or_path = str(base_dir)
-        fresh.net.save_pretrained(out / "adapter")
-        adapter = load_file(out / "adapter" / "adapter_model.safetensors")
-        trainable = {n for n, p in trained.net.named_parameters() if p.requires_grad}
-        info |= {"adapter": str(out / "adapter"), "adapter_tensors": len(adapter),
-                 "adapter_params": int(sum(t.numel() for t in adapter.values())),
-                 "trainable_params": int(sum(state[n].numel() for n in trainable))}
-        if not adapter or info["adapter_params"] != info["trainable_params"]:
-            raise RuntimeError(f"exported adapter holds {info['adapter_params']} values for {info['trainable_params']} "
-                               "trainable parameters (the empty-adapter failure of PEFT + ZeRO-3)")
-        fresh.net = fresh.net.merge_and_unload()
-    fresh.save(out / "model")
-    reloaded = load_model(out / "model")
-    diff = (probe_outputs(reloaded, reloaded.net, probe) - ref).abs().max().item()
-    info["max_abs_logit_diff"] = diff
-    torch.save({"batch": probe, "engine_outputs": ref}, out / "export_probe.pt")
-    return info
+        write_json(run.uri("workers.json"), {"ranks": ranks, "bf16": bf16, "start_step": start, "export": export,
+                                             "attempt_starts": [a["start_step"] for a in read_jsonl(run.uri("attempts.jsonl"))]})
