@@ -31,22 +31,9 @@ from dynboot.data_index import DataIndex, load_index
 from dynboot.images import ImagePolicy, decode_image
 from dynboot.mixture import MixturePlan, Piece
 
-__all__ = ["RankStream", "image_policy", "read_examples", "decode_pieces", "window_batches"]
+__all__ = ["RankStream", "read_examples", "decode_pieces", "window_batches"]
 
 DECODE_ROWS = 32  # rows per decoded batch a read task yields (a block of Ray Data)
-
-
-def image_policy(model) -> ImagePolicy:
-    """The model's image policy: its tokenizer's `policy`; tokenizers without one (until every backend has it) get
-    the square of their `image_size`, resized exactly for the world's grid and centre-cropped otherwise."""
-    policy = getattr(model.tokenizer, "policy", None)
-    if isinstance(policy, ImagePolicy):
-        return policy
-    if isinstance(policy, dict):
-        return ImagePolicy(**policy)
-    size = int(model.tokenizer.image_size)
-    grid = getattr(model, "spec", None) is not None
-    return ImagePolicy(kind="squash", size=size, resample="nearest") if grid else ImagePolicy(kind="center_crop", size=size)
 
 
 # ---- reading and decoding (inside Ray Data tasks, or in this process) -------------------------------------------

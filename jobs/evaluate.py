@@ -368,8 +368,6 @@ def write_predictions(rows: list[dict], ns: list[int], path: Path) -> None:
 
 
 def run(cfg: EvalConfig) -> dict:
-    from dynboot.report import eval_report, headline
-
     t0 = time.time()
     with RunDir(cfg.out).open(cfg, resume=cfg.resume, set_aside=("predictions",)) as run_dir:
         return _run(cfg, run_dir, t0)

@@ -55,7 +55,6 @@ RESULT_SCHEMA = pa.schema([  # stage 4 -> driver: one small row per video, with 
     ("committed_at", pa.float64()), ("decode_s", pa.float64()), ("label_s", pa.float64()), ("write_s", pa.float64()),
 ])
 _PAIR_LISTS = ("frame_a", "frame_b", "before", "after", "actions", "scores")
-_CUDA_WORDS = ("cuda", "device-side assert", "cublas", "cudnn", "nccl")
 
 
 def fault_reason(err: BaseException) -> Reason:
@@ -137,9 +136,6 @@ def decode_stage(batch: pa.Table, cfg: RelabelConfig) -> pa.Table:
 
 
 # ---- stage 3: IDP labelling (actor pool) --------------------------------------------------------------------
-def is_device_error(err: BaseException) -> bool:
-    """A CUDA / device error: the device context may be broken, so every later call on it would fail too."""
-    return isinstance(err, RuntimeError) and any(w in str(err).lower() for w in _CUDA_WORDS)
 
 
 class IDPLabeler:
@@ -199,7 +195,9 @@ class IDPLabeler:
             self._label(videos)
             return videos
         except Exception as err:
-            if is_device_error(err):
+            from dynboot.devices import is_device_fault  # torch: imported in the actor only, not the CPU stages
+
+            if is_device_fault(err):
                 print(f"[relabel] IDP actor pid {os.getpid()}: {type(err).__name__}: {err}; exiting so that Ray "
                       "restarts it on a fresh device context", file=sys.stderr, flush=True)
                 os._exit(3)  # a crash to Ray (exit_actor would be a deliberate exit: no restart); ledger stays claimed

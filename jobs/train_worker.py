@@ -23,7 +23,7 @@ import torch
 from dynboot import storage
 from dynboot.checkpoint_manifest import verify_checkpoint, write_manifest
 from dynboot.data_index import build_index, load_index
-from dynboot.ingest import RankStream, image_policy, read_examples
+from dynboot.ingest import RankStream, read_examples
 from dynboot.mixture import Source, gold_only
 from dynboot.models.base import UnifiedModel
 from dynboot.rundir import RunDir, read_jsonl, write_json
@@ -61,16 +61,7 @@ def train_dtype(bf16: bool) -> torch.dtype:
 
 def set_gradient_checkpointing(model: UnifiedModel, setting) -> bool:
     """Activation checkpointing on (True), off (False), or the backend's default ("auto": on for 7B-size models)."""
-    enable = None if setting == "auto" else bool(setting)
-    if hasattr(model, "gradient_checkpointing"):
-        return bool(model.gradient_checkpointing(enable))
-    # backends without the method yet: transformers' own switch, on by parameter count
-    net = model.net
-    if enable is None:
-        enable = sum(p.numel() for p in net.parameters()) >= 1e9
-    if enable:
-        net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return bool(enable)
+    return bool(model.gradient_checkpointing(None if setting == "auto" else bool(setting)))
 
 
 def build_model(cfg, lora: bool, device: str = "cpu", dtype: torch.dtype = torch.float32) -> UnifiedModel:
@@ -155,7 +146,7 @@ def plain_reference(cfg) -> list[dict]:
     cfg = cfg.resolved()
     torch.manual_seed(cfg.seed)  # as the worker does before building the model (LoRA init, then dropout)
     model = build_model(cfg, cfg.use_lora)
-    stream = RankStream(build_index(cfg.data), 0, 1, image_policy(model), cfg.seed, cfg.shuffle_window)
+    stream = RankStream(build_index(cfg.data), 0, 1, model.tokenizer.policy, cfg.seed, cfg.shuffle_window)
     augment = None
     if cfg.augment and world_of(model) is not None:
         from dynboot.world.augment import world_augmenter
@@ -172,7 +163,7 @@ class Evaluator:
     def __init__(self, cfg, model: UnifiedModel):
         self.cfg, self.world = cfg, world_of(model)
         index = build_index([Source(path=cfg.eval_data)], allow_test=True)
-        self.examples, _ = read_examples(index, image_policy(model), cfg.eval_limit)
+        self.examples, _ = read_examples(index, model.tokenizer.policy, cfg.eval_limit)
 
     def __call__(self, model: UnifiedModel) -> dict:
         from dynboot.trainer import make_batch
@@ -270,7 +261,7 @@ def train_loop(config: dict) -> None:
         samples_per_step = cfg.batch_size * cfg.grad_accum
         position = ((state["data"]["window"], state["data"]["pos"]) if state else
                     (start * samples_per_step // window, 0))  # no state (the worker count changed): the nearest window
-        stream = RankStream(load_index(index_dir), rank, world, image_policy(model), cfg.seed, window, start=position,
+        stream = RankStream(load_index(index_dir), rank, world, model.tokenizer.policy, cfg.seed, window, start=position,
                             reader="ray", rows_hint=(cfg.steps - start) * samples_per_step,
                             ingest_cpus=cfg.ingest_cpus, ingest_tasks=cfg.ingest_tasks)
         stream.start()  # the ingest's start-up overlaps DeepSpeed's set-up and the checkpoint load

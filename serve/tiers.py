@@ -31,7 +31,8 @@ import torch
 from ray import serve
 
 from dynboot import storage
-from dynboot.images import ImagePolicy, decode_image, encode_png
+from dynboot.devices import is_device_fault
+from dynboot.images import decode_image, encode_png
 from dynboot.models.registry import load_model
 from serve.schemas import GENERATOR, VERIFIER, FaultInjection
 from serve.validate import ApiError
@@ -41,28 +42,10 @@ log = logging.getLogger("ray.serve")
 # Tokens a prompt layout spends besides the action and the two images (specials, separators, instructions):
 # a margin for the context check below, generous for every backend's layout (dynboot/prompts.py).
 LAYOUT_MARGIN_TOKENS = 64
-DEVICE_FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "device-side assert", "NCCL error")
 
 
 class ReplicaUnhealthy(RuntimeError):
     """This replica's accelerator context is broken; it fails its health check and Serve replaces it."""
-
-
-def is_device_fault(err: BaseException) -> bool:
-    """A broken CUDA context (not a recoverable per-request error such as out-of-memory)."""
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(err, accelerator_error):
-        return True
-    return isinstance(err, RuntimeError) and any(m in str(err) for m in DEVICE_FAULT_MARKERS)
-
-
-def input_policy(model) -> ImagePolicy:
-    """The model's own image policy; a bicubic squash for a tokenizer that does not carry one yet."""
-    policy = getattr(model.tokenizer, "policy", None)
-    return policy if policy is not None else ImagePolicy(kind="squash", size=int(model.tokenizer.image_size),
-                                                         resample="bicubic")
 
 
 def serving_model(path: str):
@@ -160,7 +143,7 @@ class ModelTier:
 
     def __init__(self, path: str, max_prompt_tokens: int, faults: dict | None):
         self.model = serving_model(path)
-        self.policy = input_policy(self.model)
+        self.policy = self.model.tokenizer.policy
         self.lock = threading.Lock()  # one model call at a time per replica (torch state is not shared safely)
         self.max_prompt_tokens = prompt_token_limit(self.model, max_prompt_tokens)
         self.faults = FaultInjection.model_validate(faults or {})

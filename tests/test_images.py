@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynboot.images import ImagePolicy, decode_image, encode_png
+from dynboot.images import ImagePolicy, decode_image
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

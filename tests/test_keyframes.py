@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynboot.images import decode_image, encode_png
-from dynboot.images import ImagePolicy
 from dynboot.keyframes import (KeyframeConfig, consecutive_pairs, extract_keyframes, motion_track, select_peaks,
                                select_stills, video_keyframes)
 from dynboot.pairs import make_row, to_table

@@ -3,7 +3,6 @@ library's world evaluation and `dynboot eval`), whatever the batching; `dynboot 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -213,7 +213,6 @@ def test_every_bad_input_is_recorded_with_its_reason_and_a_crashing_video_is_ret
     src = small_world / "videos"
     for i in range(3):
         shutil.copy(src / f"ep00000{i}.mp4", videos / f"good{i}.mp4")
-    data = (src / "ep000000.mp4").read_bytes()
     (videos / "zero.mp4").write_bytes(b"")
     (videos / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
     (videos / "image.mp4").write_bytes((small_world / "gold" / "images" / "000000_a.png").read_bytes())
