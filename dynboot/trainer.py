@@ -19,7 +19,7 @@ from pydantic import Field
 
 from dynboot.config import Config
 from dynboot.models.base import Example, Task, UnifiedModel
-from dynboot.weights import STRATEGIES, recognition_weights
+from dynboot.weights import Strategy, token_weights
 
 Augmenter = Callable[[list[Example], np.random.Generator], list[Example]]
 
@@ -36,8 +36,14 @@ class LoopConfig(Config):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     beta2: float = Field(0.98, gt=0, lt=1, description="AdamW beta2 (beta1 = 0.9).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
-    weighting: str = Field("relative", description=f"FDP recognition-weight strategy: one of {STRATEGIES}.")
+    weighting: Strategy = Field("relative", description="FDP recognition-weight strategy (dynboot/weights.py): the "
+                                "paper's label-dependent relative/floor, relative_annealed, or the label-independent "
+                                "predicted_change/entropy read from the model's own stop-gradient prediction.")
     weight_floor: float = Field(0.05, ge=0, description="Floor of the 'floor' weighting strategy.")
+    weight_alpha: float = Field(4.0, ge=0, description="Strength of the model-based weightings: w = 1 + alpha * "
+                                "(probability that the cell changes | normalised entropy).")
+    weight_anneal: float = Field(0.5, gt=0, le=1, description="relative_annealed: fraction of the steps over which "
+                                 "the relative weights fall linearly to plain CE.")
     augment: bool = Field(True, description="Label-preserving augmentation of gold pairs, IDP and FDP (embedded "
                          "world only: grid symmetries, colour and shape permutations with the action rewritten).")
     seed: int = Field(0, description="Seed of batch sampling and augmentation.")
@@ -78,13 +84,13 @@ class Batcher:
         return self.augment(batch, self.rng) if self.augment else batch
 
 
-def make_batch(model: UnifiedModel, examples: list[Example], task: Task, cfg: LoopConfig) -> dict[str, torch.Tensor]:
-    """Collate a step's examples; FDP targets get recognition weights from (before, after)."""
+def make_batch(model: UnifiedModel, examples: list[Example], task: Task, cfg: LoopConfig,
+               step: int = 0) -> dict[str, torch.Tensor]:
+    """Collate a step's examples; FDP targets get recognition weights (dynboot.weights; `step` for schedules)."""
     weights = None
     if task == "fdp":
-        before = np.stack([e.before for e in examples])
-        after = np.stack([e.after for e in examples])
-        weights = recognition_weights(model.tokenizer, before, after, cfg.weighting, cfg.weight_floor)
+        weights = token_weights(model, examples, cfg.weighting, cfg.weight_floor, cfg.weight_alpha,
+                                step / cfg.steps, cfg.weight_anneal)
     return model.collate(examples, task, weights)
 
 
@@ -100,7 +106,7 @@ class TrainLoop:
 
     def step(self, step: int) -> dict:
         cfg = self.cfg
-        batch = make_batch(self.model, self.batcher.next(), cfg.task, cfg)
+        batch = make_batch(self.model, self.batcher.next(), cfg.task, cfg, step)
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         loss = self.model.loss(batch)

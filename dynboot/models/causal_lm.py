@@ -205,6 +205,22 @@ class CausalLMModel(UnifiedModel):
         return gen
 
     # ---- FDP -------------------------------------------------------------------------------------
+    @torch.no_grad()  # no_grad, not inference_mode: the result may become a loss weight in a training step
+    def image_logprobs(self, before, actions: list[str], after) -> torch.Tensor:
+        """[B, L, K] teacher-forced FDP log-probs over the K image codes at each cell of `after` (images or
+        codes [B, L]): row l is log p(. | before, action, after[<l]), so it never depends on after[l]."""
+        a, b = self._codes(before), self._codes(after)
+        if not (len(a) == len(b) == len(actions)):
+            raise ValueError(f"batch sizes differ: {len(a)} before, {len(b)} after, {len(actions)} actions")
+        layouts = [fdp_layout(self.specials, self._vocab(a[i]), self.text_ids(t), self._vocab(b[i])) for i, t in enumerate(actions)]
+        batch = self._batch(layouts)
+        if self._world_features:
+            batch["before_codes"] = self._before_codes(batch, a)
+        logits = self._forward(self.net, batch).logits[:, :-1]
+        predicts_b = (batch["image_of"][:, 1:] == 1).to(logits.device)  # the next token is a code of `after`
+        img = self.image_logits(logits[predicts_b]).float()  # row-major: each row's L cells in order
+        return torch.log_softmax(img, -1).reshape(len(a), self.tokenizer.tokens_per_image, -1).cpu()
+
     @torch.inference_mode()
     def sample(self, before, actions: list[str], n: int = 1, temperature: float = 1.0, top_k: int = 0,
                seed: int | None = None, use_cache: bool = True, guidance_scale: float | None = None) -> torch.Tensor:
