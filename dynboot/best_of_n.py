@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dynboot.models.base import UnifiedModel
-from dynboot.verify import VerifierScore, verification_scores
+from dynboot.verify import Verifier, VerifierScore, verification_scores
 
 
 @dataclass
@@ -28,10 +28,10 @@ class BestOfN:
 
 
 def score_candidates(idp: UnifiedModel | None, before: np.ndarray, candidates: torch.Tensor, actions: list[str],
-                     score: VerifierScore = "idp", fdp: UnifiedModel | None = None, fdp_weight: float = 1.0) -> torch.Tensor:
-    """[B, N] verifier scores of candidates [B, N, L]; `score` picks the verifier (dynboot.verify), `fdp` is
+                     verifier: Verifier | VerifierScore = "idp", fdp: UnifiedModel | None = None) -> torch.Tensor:
+    """[B, N] verifier scores of candidates [B, N, L]; `verifier` picks the score (dynboot.verify), `fdp` is
     needed by the scores that read the FDP's likelihood."""
-    return verification_scores(score, fdp, idp, before, candidates, actions, fdp_weight)
+    return verification_scores(verifier, fdp, idp, before, candidates, actions)
 
 
 def pick_best(candidates: torch.Tensor, scores: torch.Tensor) -> BestOfN:
@@ -42,10 +42,10 @@ def pick_best(candidates: torch.Tensor, scores: torch.Tensor) -> BestOfN:
 
 
 def best_of_n(fdp: UnifiedModel, idp: UnifiedModel | None, before: np.ndarray, actions: list[str], n: int,
-              temperature: float = 1.0, top_k: int = 0, seed: int | None = 0, score: VerifierScore = "idp",
-              fdp_weight: float = 1.0) -> BestOfN:
+              temperature: float = 1.0, top_k: int = 0, seed: int | None = 0,
+              verifier: Verifier | VerifierScore = "idp") -> BestOfN:
     """Sample `n` candidates per (before, action) and return the one the verifier score ranks highest."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     candidates = fdp.sample(before, actions, n=n, temperature=temperature, top_k=top_k, seed=seed)
-    return pick_best(candidates, score_candidates(idp, before, candidates, actions, score, fdp, fdp_weight))
+    return pick_best(candidates, score_candidates(idp, before, candidates, actions, verifier, fdp))

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from dynboot.config import Config
 from dynboot.models.base import Example, Task, UnifiedModel
-from dynboot.weights import Strategy, token_weights
+from dynboot.weights import Strategy, logit_offsets, token_weights
 
 Augmenter = Callable[[list[Example], np.random.Generator], list[Example]]
 
@@ -42,6 +42,8 @@ class LoopConfig(Config):
     weight_floor: float = Field(0.05, ge=0, description="Floor of the 'floor' weighting strategy.")
     weight_alpha: float = Field(4.0, ge=0, description="Strength of the model-based weightings: w = 1 + alpha * "
                                 "(probability that the cell changes | normalised entropy).")
+    weight_scale: float = Field(1.0, ge=0, description="Strength of the paper's relative term d / mean(d) in "
+                                "relative, relative_spread and relative_annealed (1 = paper-literal).")
     weight_anneal: float = Field(0.5, gt=0, le=1, description="relative_annealed: fraction of the steps over which "
                                  "the relative weights fall linearly to plain CE.")
     augment: bool = Field(True, description="Label-preserving augmentation of gold pairs, IDP and FDP (embedded "
@@ -87,11 +89,15 @@ class Batcher:
 def make_batch(model: UnifiedModel, examples: list[Example], task: Task, cfg: LoopConfig,
                step: int = 0) -> dict[str, torch.Tensor]:
     """Collate a step's examples; FDP targets get recognition weights (dynboot.weights; `step` for schedules)."""
-    weights = None
-    if task == "fdp":
-        weights = token_weights(model, examples, cfg.weighting, cfg.weight_floor, cfg.weight_alpha,
-                                step / cfg.steps, cfg.weight_anneal)
-    return model.collate(examples, task, weights)
+    if task != "fdp":
+        return model.collate(examples, task)
+    weights = token_weights(model, examples, cfg.weighting, cfg.weight_floor, cfg.weight_alpha, step / cfg.steps,
+                            cfg.weight_anneal, cfg.weight_scale)
+    batch = model.collate(examples, task, weights)
+    offsets = logit_offsets(model, examples, cfg.weighting, cfg.weight_alpha)
+    if offsets is not None:  # relative_debiased: the loss's correction that keeps the minimiser at q = p
+        batch["image_logit_offsets"] = offsets
+    return batch
 
 
 class TrainLoop:

@@ -23,7 +23,22 @@ teacher-forced prediction q_l (`UnifiedModel.image_logprobs`, one no-grad forwar
   where they are in question.
 - `entropy`: w_l = 1 + alpha * H(q_l) / log K, the model's uncertainty at l whatever the before code.
 
-And one that keeps the paper's weights but removes their bias by the end of training:
+And three that keep the paper's weights but remove or weaken their bias:
+- `relative_debiased`: the paper's idea with a fixed scale, w_l = W[b_l, y_l], W[b, y] = 1 + alpha * D[b, y] /
+  mean(D), D = the squared feature distance between codes b and y, AND, in the loss only, log W[b_l, .] added
+  to the code logits at position l (`logit_offsets`). The weighted CE of the offset softmax r ∝ q * W is
+  minimised at r ∝ p * W, i.e. at q = p: the model's own distribution (what sampling reads, without offsets)
+  is unbiased. In expectation over the label, position l gets the weight E_p[W[b_l, y]]: more signal where
+  change is *truly* likely (also where the model wrongly copies, which weights read from the model's own
+  prediction cannot see), as the paper intends, without over-editing.
+- `relative_spread`: w = 1 + D / mean(D), D = the 3x3 max of d over the token grid: a change lends its
+  weight to its neighbours, so around a change the weight no longer says which cell changed (it still
+  says that something near it did).
+- `causal_spread`: w_l = 1 + alpha * max over the 3x3 neighbours j of l that come before it in raster order of
+  W'[b_j, y_j] (W' = D / mean(D), a fixed scale): the labels it reads are the earlier codes, which teacher
+  forcing gives the model as input, so it is label-independent at l. After a change, the cells around it
+  that follow get the signal: the second cell of a move (the object must arrive / leave there, decided
+  given the first), and the unchanged neighbours of an edit that must stay.
 - `relative_annealed`: w = 1 + s(t) * d / mean(d), s falling linearly from 1 to 0 over the first
   `anneal` fraction of the steps, plain CE after. Biased while s > 0.
 
@@ -45,10 +60,13 @@ from dynboot.models.base import ImageTokenizer
 if TYPE_CHECKING:
     from dynboot.models.base import Example, UnifiedModel
 
-Strategy = Literal["none", "relative", "floor", "relative_annealed", "predicted_change", "entropy"]
+Strategy = Literal["none", "relative", "floor", "relative_spread", "relative_annealed", "relative_debiased",
+                   "causal_spread", "predicted_change", "entropy"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
-DATA_STRATEGIES = ("relative", "floor", "relative_annealed")  # from the ground-truth pair (label-dependent)
+DATA_STRATEGIES = ("relative", "floor", "relative_spread", "relative_annealed")  # from the ground-truth pair (label-dependent)
 MODEL_STRATEGIES = ("predicted_change", "entropy")  # from the model's stop-gradient prediction
+CODE_STRATEGIES = ("relative_debiased", "causal_spread")  # from code distances (a fixed scale, no image mean)
+LABEL_INDEPENDENT = ("none", "causal_spread", *MODEL_STRATEGIES)  # w_l never reads the label at l  # from the before code and the label, with the matching logit offsets
 
 
 def _check(strategy: str) -> None:
@@ -72,11 +90,34 @@ def weights_from_distance(d: torch.Tensor, strategy: Strategy = "relative", floo
         return torch.ones_like(d)
     if strategy not in DATA_STRATEGIES:
         raise ValueError(f"{strategy!r} weights come from the model's prediction (model_weights), not from a distance")
+    if strategy == "relative_spread":
+        d = spread(d)
     mean = d.mean(-1, keepdim=True)
     rel = torch.where(mean > 0, d / mean.clamp(min=1e-12), torch.zeros_like(d))
     if strategy == "floor":
         return torch.where(mean > 0, rel + floor, torch.ones_like(d))
     return 1.0 + scale * rel
+
+
+def spread(d: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B, L]: the max over each token's 3x3 neighbourhood on the square token grid."""
+    side = int(round(d.shape[-1] ** 0.5))
+    if side * side != d.shape[-1]:
+        raise ValueError(f"relative_spread needs a square token grid, got {d.shape[-1]} tokens per image")
+    grid = d.reshape(-1, 1, side, side)
+    return torch.nn.functional.max_pool2d(grid, 3, stride=1, padding=1).reshape(d.shape)
+
+
+def causal_neighbour_max(d: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> [B, L]: at each token the max of d over its 3x3 neighbours that precede it in raster order
+    (up-left, up, up-right, left; 0 where there are none). Never reads d at the token itself or after it."""
+    side = int(round(d.shape[-1] ** 0.5))
+    if side * side != d.shape[-1]:
+        raise ValueError(f"causal_spread needs a square token grid, got {d.shape[-1]} tokens per image")
+    g = torch.nn.functional.pad(d.reshape(-1, side, side), (1, 1, 1, 0))  # one row above, one column each side
+    up_left, up, up_right = g[:, :-1, :-2], g[:, :-1, 1:-1], g[:, :-1, 2:]
+    left = g[:, 1:, :-2]
+    return torch.stack([up_left, up, up_right, left]).amax(0).reshape(d.shape)
 
 
 def recognition_weights(tokenizer: ImageTokenizer, before: np.ndarray, after: np.ndarray,
@@ -85,6 +126,31 @@ def recognition_weights(tokenizer: ImageTokenizer, before: np.ndarray, after: np
     if strategy == "none" or (strategy == "relative_annealed" and scale == 0):
         return torch.ones((len(before), tokenizer.tokens_per_image))
     return weights_from_distance(change_distance(tokenizer, before, after), strategy, floor, scale)
+
+
+_CODE_DISTANCES: dict[int, torch.Tensor] = {}
+
+
+def code_distances(tokenizer: ImageTokenizer) -> torch.Tensor:
+    """[K, K] squared distance between the pre-quantisation features of every two codes: the features of an
+    image made of code k alone, averaged over its tokens (exact for the world's grid tokenizer; a VQ tokenizer
+    may provide `code_features()` [K, D], e.g. its codebook, instead of K decodes). Cached per tokenizer."""
+    key = id(tokenizer)
+    if key not in _CODE_DISTANCES:
+        if hasattr(tokenizer, "code_features"):
+            feats = tokenizer.code_features().float()
+        else:
+            K, L = tokenizer.codebook_size, tokenizer.tokens_per_image
+            feats = tokenizer.features(tokenizer.decode(torch.arange(K)[:, None].expand(K, L))).float().mean(1)
+        _CODE_DISTANCES[key] = torch.cdist(feats, feats) ** 2
+    return _CODE_DISTANCES[key]
+
+
+def debiased_table(tokenizer: ImageTokenizer, alpha: float) -> torch.Tensor:
+    """[K, K] W[b, y] = 1 + alpha * D[b, y] / mean of D over b != y (`relative_debiased`)."""
+    d = code_distances(tokenizer)
+    off_diag = d[~torch.eye(len(d), dtype=torch.bool)]
+    return 1.0 + alpha * d / off_diag.mean().clamp(min=1e-12)
 
 
 def anneal_scale(progress: float, anneal: float) -> float:
@@ -109,11 +175,12 @@ def model_weights(logprobs: torch.Tensor, before_codes: torch.Tensor, strategy: 
 
 
 def token_weights(model: "UnifiedModel", examples: list["Example"], strategy: Strategy, floor: float = 0.05,
-                  alpha: float = 4.0, progress: float = 0.0, anneal: float = 0.5) -> torch.Tensor | None:
+                  alpha: float = 4.0, progress: float = 0.0, anneal: float = 0.5, scale: float = 1.0) -> torch.Tensor | None:
     """[B, L] FDP target-token weights of one training batch, or None for plain CE.
 
     What the training core calls once per FDP step, before `model.collate(examples, "fdp", weights)`.
-    `progress` = step / steps (for `relative_annealed`). A model-based strategy costs one no-grad forward
+    `progress` = step / steps (for `relative_annealed`); `scale` multiplies d / mean(d) in the relative
+    strategies (1 = the paper-literal 1 + d / mean(d)). A model-based strategy costs one no-grad forward
     of the batch (`model.image_logprobs`); the loss's own forward could give the same numbers for free
     (its logits, detached, at the target positions) if the core computed the weights inside the loss.
     """
@@ -123,7 +190,24 @@ def token_weights(model: "UnifiedModel", examples: list["Example"], strategy: St
     before = np.stack([e.before for e in examples])
     after = np.stack([e.after for e in examples])
     if strategy in DATA_STRATEGIES:
-        scale = anneal_scale(progress, anneal) if strategy == "relative_annealed" else 1.0
+        scale *= anneal_scale(progress, anneal) if strategy == "relative_annealed" else 1.0
         return recognition_weights(model.tokenizer, before, after, strategy, floor, scale)
+    if strategy == "relative_debiased":
+        table = debiased_table(model.tokenizer, alpha)
+        return table[model.tokenizer.encode(before), model.tokenizer.encode(after)]
+    if strategy == "causal_spread":
+        change = (debiased_table(model.tokenizer, 1.0) - 1.0)[model.tokenizer.encode(before), model.tokenizer.encode(after)]
+        return 1.0 + alpha * causal_neighbour_max(change)
     logprobs = model.image_logprobs(before, [e.action for e in examples], after)
     return model_weights(logprobs, model.tokenizer.encode(before), strategy, alpha)
+
+
+def logit_offsets(model: "UnifiedModel", examples: list["Example"], strategy: Strategy, alpha: float = 4.0) -> torch.Tensor | None:
+    """[B, L, K] what the loss adds to the code logits that predict `after` (`relative_debiased`: log W[b_l, .]),
+    or None. It reads the before codes only. The training core puts it into the batch as
+    `image_logit_offsets` next to `token_weights`; sampling never sees it."""
+    _check(strategy)
+    if strategy != "relative_debiased":
+        return None
+    before = model.tokenizer.encode(np.stack([e.before for e in examples]))
+    return torch.log(debiased_table(model.tokenizer, alpha))[before]

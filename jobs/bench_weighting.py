@@ -55,6 +55,7 @@ class BenchWeightingConfig(Config):
     batch_size: int = Field(64, ge=1, description="Pairs per step (the quickstart's batch_size).")
     size: str = Field("xs", description="Tiny model size (the quickstart's size).")
     threads: int = Field(2, ge=1, description="torch threads.")
+    save_models: bool = Field(True, description="Keep each trained FDP under out/models/ (for bench_verifier, analysis).")
 
 
 def parse_variant(variant: str) -> dict:
@@ -77,26 +78,42 @@ def _sources(run: Path) -> tuple[list[Source], list[Source]]:
     return [gold], [gold, pseudo]
 
 
-def train_and_score(cfg: BenchWeightingConfig, spec, sources: list[Source], test, variant: str, seed: int) -> dict:
+def run_name(data: str, variant: str, seed: int) -> str:
+    return f"{data}__{variant.replace(':', '_').replace(',', '_').replace('=', '')}__s{seed}"
+
+
+def train_and_score(cfg: BenchWeightingConfig, spec, sources: list[Source], test, variant: str, seed: int,
+                    save_to: Path | None = None) -> dict:
     loop_cfg = LoopConfig.model_validate({"task": "fdp", "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": seed,
                                           "threads": cfg.threads, "eval_every": 0, **parse_variant(variant)})
     pool = load_mixture(sources, "fdp")
     model = TinyWorldModel.create(spec, cfg.size, seed=seed)
     t0, c0 = time.perf_counter(), time.process_time()
+    curve = []
+
+    def progress(rec: dict) -> None:
+        if rec["step"] % 50 == 0:
+            curve.append({"step": rec["step"], "loss": round(rec["loss"], 4)})
+            print(f"    {variant} seed {seed} step {rec['step']}/{cfg.steps} loss {rec['loss']:.4f} "
+                  f"({rec['train_s']:.0f} s)", flush=True)
+
     hist = TrainLoop(model, loop_cfg, pool.examples, augment=gold_only(world_augmenter(spec)),
-                     mixture_weights=pool.sampling_weights(sources)).run()
+                     mixture_weights=pool.sampling_weights(sources)).run(log=progress)
     train_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     res = fdp_eval(model, test, spec, per_pair=True)
+    if save_to is not None:
+        model.save(save_to)
     return {"variant": variant, "seed": seed, "train_s": round(train_s, 1), "cpu_s": round(cpu_s, 1),
-            "final_loss": round(hist[-1]["loss"], 4), **res}
+            "final_loss": round(hist[-1]["loss"], 4), "loss_curve": curve, **res}
 
 
 def _cached(cfg, spec, sources, test, data: str, variant: str, seed: int) -> dict:
-    path = Path(cfg.out) / f"{data}__{variant.replace(':', '_').replace(',', '_').replace('=', '')}__s{seed}.json"
+    name = run_name(data, variant, seed)
+    path = Path(cfg.out) / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
     print(f"train {data} {variant} seed {seed}", flush=True)
-    res = train_and_score(cfg, spec, sources, test, variant, seed)
+    res = train_and_score(cfg, spec, sources, test, variant, seed, Path(cfg.out) / "models" / name if cfg.save_models else None)
     write_json(path, res)
     print(f"  exact {res['exact']:.3f} changed {res['changed_cell_acc']:.3f} ({res['train_s']} s)", flush=True)
     return res
@@ -116,12 +133,12 @@ def run(cfg: BenchWeightingConfig) -> dict:
     spec = load_spec(root / "world")
     test = load_examples(root / "world" / "test" / "test.json")
     gold_src, boot_src = _sources(root)
-    variants = list(dict.fromkeys([BASELINE, *cfg.variants]))
+    variants = list(dict.fromkeys([*cfg.variants, BASELINE]))  # baseline last: a parallel process may have it cached
     rows, runs = [], {}
     for seed in cfg.seeds:
         boot = {v: _cached(cfg, spec, boot_src, test, "boot", v, seed) for v in variants}
         gold = {v: _cached(cfg, spec, gold_src, test, "gold", v, seed) for v in dict.fromkeys(cfg.gold_variants)}
-        for v in variants:
+        for v in [BASELINE] + [v for v in variants if v != BASELINE]:
             row = {"seed": seed, "variant": v, **compare(boot[v], boot[BASELINE])}
             if v in gold:
                 b = compare(boot[v], gold[v])

@@ -9,7 +9,7 @@ from dynboot.best_of_n import best_of_n, score_candidates
 from dynboot.models.base import Example
 from dynboot.models.tiny import TinyWorldModel
 from dynboot.trainer import LoopConfig, TrainLoop
-from dynboot.verify import VERIFIER_SCORES, combine, fdp_score, idp_score, verification_scores
+from dynboot.verify import VERIFIER_SCORES, Verifier, combine, edit_fraction, fdp_score, idp_score, verification_scores
 from dynboot.world import WorldSpec, infer_action, render
 from dynboot.world.generate import random_pairs
 
@@ -61,6 +61,10 @@ def test_candidate_that_also_changes_something_else_scores_lower(models, overedi
     assert torch.all(combined[:, 0] > combined[:, 1])
     idp = idp_score(models["idp"], before, cands, actions)
     assert torch.allclose(combined, idp + fdp, atol=1e-5)
+    edit = edit_fraction(models["idp"].tokenizer, before, cands)  # the extra object is one more changed cell
+    assert torch.allclose(edit[:, 1] - edit[:, 0], torch.full((len(actions),), 1 / SPEC.cells))
+    with_prior = verification_scores("idp+edit", None, models["idp"], before, cands, actions)
+    assert torch.allclose(with_prior, idp - edit, atol=1e-6)
     # the IDP alone checks the action, which both candidates perform: it does not rank the clean one first
     # as reliably as the combined score (with real, short-trained models; printed for the record)
     print("IDP-only prefers the clean candidate on", int((idp[:, 0] > idp[:, 1]).sum()), "of", len(actions))
@@ -79,16 +83,19 @@ def test_fdp_score_is_the_mean_teacher_forced_logprob(models, overedits):
 def test_scores_are_selectable_and_checked(models, overedits):
     before, cands, actions = overedits
     fdp, idp = models["fdp"], models["idp"]
-    assert set(VERIFIER_SCORES) == {"idp", "fdp", "idp+fdp"}
+    assert set(VERIFIER_SCORES) == {"idp", "fdp", "idp+fdp", "idp+edit"}
     assert torch.allclose(score_candidates(idp, before, cands, actions), idp_score(idp, before, cands, actions))
-    assert torch.allclose(score_candidates(None, before, cands, actions, score="fdp", fdp=fdp), fdp_score(fdp, before, cands, actions))
-    parts = {"idp": torch.zeros(2, 3), "fdp": torch.ones(2, 3)}
-    assert torch.all(combine("idp+fdp", fdp_weight=0.5, **parts) == 0.5)
+    assert torch.allclose(score_candidates(None, before, cands, actions, "fdp", fdp=fdp), fdp_score(fdp, before, cands, actions))
+    parts = {"idp": torch.zeros(2, 3), "fdp": torch.ones(2, 3), "edit": torch.full((2, 3), 0.5)}
+    assert torch.all(combine(Verifier(score="idp+fdp", fdp_weight=0.5), **parts) == 0.5)
+    assert torch.all(combine(Verifier(score="idp+edit", edit_weight=2.0), **parts) == -1.0)
     with pytest.raises(ValueError, match="needs the fdp part"):
-        combine("idp+fdp", idp=parts["idp"])
+        combine(Verifier(score="idp+fdp"), idp=parts["idp"])
+    with pytest.raises(ValueError):
+        Verifier(score="judge")
     with pytest.raises(ValueError, match="needs the FDP"):
         verification_scores("idp+fdp", None, idp, before, cands, actions)
-    with pytest.raises(ValueError, match="unknown verifier score"):
+    with pytest.raises(ValueError, match="judge"):
         verification_scores("judge", fdp, idp, before, cands, actions)
     with pytest.raises(ValueError, match="batch sizes differ"):
         idp_score(idp, before[:2], cands, actions)
@@ -97,7 +104,7 @@ def test_scores_are_selectable_and_checked(models, overedits):
 def test_best_of_n_with_the_combined_score_picks_its_argmax(models, overedits):
     before, _, actions = overedits
     fdp, idp = models["fdp"], models["idp"]
-    res = best_of_n(fdp, idp, before[:4], actions[:4], n=5, seed=2, score="idp+fdp")
+    res = best_of_n(fdp, idp, before[:4], actions[:4], n=5, seed=2, verifier=Verifier(score="idp+fdp"))
     again = verification_scores("idp+fdp", fdp, idp, before[:4], res.candidates, actions[:4])
     assert torch.allclose(res.scores, again, atol=1e-5)
     assert torch.equal(res.index, again.argmax(-1))

@@ -8,8 +8,8 @@ import torch
 from dynboot.models.base import Example
 from dynboot.models.tiny import TinyWorldModel
 from dynboot.trainer import LoopConfig, TrainLoop, make_batch
-from dynboot.weights import (MODEL_STRATEGIES, STRATEGIES, anneal_scale, model_weights, recognition_weights,
-                             token_weights, weights_from_distance)
+from dynboot.weights import (LABEL_INDEPENDENT, MODEL_STRATEGIES, STRATEGIES, anneal_scale, debiased_table, model_weights,
+                             recognition_weights, token_weights, weights_from_distance)
 from dynboot.world import WorldSpec, infer_action, render
 from dynboot.world.generate import random_pairs
 from dynboot.world.render import GridTokenizer
@@ -40,8 +40,8 @@ def _relabel(model, examples, i: int, cell: int) -> list[Example]:
     return [Example(e.before, after[k], e.action) for k, e in enumerate(examples)]
 
 
-@pytest.mark.parametrize("strategy", MODEL_STRATEGIES)
-def test_model_weights_do_not_depend_on_the_label_of_their_position(model, examples, strategy):
+@pytest.mark.parametrize("strategy", [s for s in LABEL_INDEPENDENT if s != "none"])
+def test_label_independent_weights_do_not_depend_on_the_label_of_their_position(model, examples, strategy):
     for i, cell in ((0, 0), (3, 7), (5, 24)):
         w = token_weights(model, examples, strategy, alpha=4.0)
         w2 = token_weights(model, _relabel(model, examples, i, cell), strategy, alpha=4.0)
@@ -125,3 +125,55 @@ def test_model_weighted_training_runs_and_learns(examples):
                                    eval_every=0), examples).run()
     assert all(np.isfinite(h["loss"]) for h in hist)
     assert np.mean([h["loss"] for h in hist[-5:]]) < np.mean([h["loss"] for h in hist[:5]])
+
+
+def test_debiased_weights_keep_the_minimiser_at_p():
+    """One position, before code b, label distribution p: the paper's label-dependent weights move the minimiser
+    of the weighted CE to q ∝ p * W; with the matching logit offsets (relative_debiased) it stays at q = p."""
+    tok = GridTokenizer(SPEC)
+    W = debiased_table(tok, 4.0)
+    b = 0  # an empty cell that stays empty with p = 0.8
+    p = torch.full((tok.codebook_size,), 0.2 / (tok.codebook_size - 1))
+    p[b] = 0.8
+
+    def fit(offsets: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros(tok.codebook_size, requires_grad=True)
+        opt = torch.optim.LBFGS([z], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = -(p * W[b] * torch.log_softmax(z + offsets, -1)).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return torch.softmax(z.detach(), -1)
+
+    biased = fit(torch.zeros(tok.codebook_size))
+    assert torch.allclose(biased, p * W[b] / (p * W[b]).sum(), atol=1e-3) and biased[b] < 0.5  # over-edits
+    assert torch.allclose(fit(torch.log(W[b])), p, atol=1e-3)
+
+
+def test_debiased_offsets_reach_the_loss_at_the_target_codes(model, examples):
+    cfg = LoopConfig(task="fdp", steps=10, weighting="relative_debiased", weight_alpha=4.0)
+    batch = make_batch(model, examples, "fdp", cfg)
+    tok = model.tokenizer
+    before, after = tok.encode(np.stack([e.before for e in examples])), tok.encode(np.stack([e.after for e in examples]))
+    W = debiased_table(tok, 4.0)
+    assert torch.allclose(batch["image_logit_offsets"], torch.log(W)[before])
+    on_b = batch["image_of"] == 1
+    assert torch.allclose(batch["target_weights"][on_b].reshape(len(examples), -1), W[before, after])
+    # the loss by hand: offsets added to the code logits of the inputs that predict each target code
+    with torch.no_grad():
+        logits = model._forward(model.net, batch).logits[:, :-1].float().clone()
+        for i in range(len(examples)):
+            for cell in range(SPEC.cells):
+                pos = int(torch.nonzero(on_b[i] & (batch["cell_of"][i] == cell))[0]) - 1  # the input predicting it
+                logits[i, pos, model.image_offset: model.image_offset + tok.codebook_size] += torch.log(W[before[i, cell]])
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+        w = batch["target_weights"][:, 1:]
+        expected = (ce * w).sum() / w.sum()
+        assert torch.isclose(model.loss(batch), expected, atol=1e-5)
+        plain = dict(batch)
+        del plain["image_logit_offsets"]
+        assert not torch.isclose(model.loss(plain), expected, atol=1e-3)

@@ -124,8 +124,19 @@ class CausalLMModel(UnifiedModel):
         logits = self._forward(net or self.net, batch, diff=batch.get("diff_flags")).logits
         w = batch["target_weights"][:, 1:].to(logits.device)
         labels = batch["input_ids"][:, 1:].to(logits.device)
-        ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        logits = logits[:, :-1].float()
+        if "image_logit_offsets" in batch:  # [B, L, K] added to the code logits that predict `after` (dynboot.weights)
+            logits = self._offset_image_logits(logits, batch["image_of"][:, 1:] == 1, batch["image_logit_offsets"])
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
         return (ce * w.reshape(-1)).sum() / w.sum().clamp(min=1e-8)
+
+    def _offset_image_logits(self, logits: torch.Tensor, predicts_b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """logits [B, T, V] (out of place) + offsets [B, L, K] at the image-code columns of the positions that
+        predict the L codes of `after` (row-major, as `image_logprobs` reads them)."""
+        rows = predicts_b.nonzero().to(logits.device)  # [B*L, 2]
+        ids = self.codes_to_ids(torch.arange(offsets.shape[-1])).to(logits.device)
+        index = (rows[:, :1].expand(-1, len(ids)), rows[:, 1:].expand(-1, len(ids)), ids[None].expand(len(rows), -1))
+        return logits.index_put(index, offsets.reshape(len(rows), -1).to(logits), accumulate=True)
 
     # ---- IDP -------------------------------------------------------------------------------------
     @torch.inference_mode()
