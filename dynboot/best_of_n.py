@@ -1,8 +1,8 @@
-"""Inference-time verification: sample N candidates from the FDP, score each with the IDP's mean
-per-token log-prob of the given action, return the best with all scores (paper §3.3).
+"""Inference-time verification: sample N candidates from the FDP, score each with a verifier score
+(dynboot.verify: the paper's IDP action log-prob by default), return the best with all scores (paper §3.3).
 
-The N candidates of a request come from one batched `sample` call; their scores from one batched
-`action_logprob` call on the codes (no decode / re-encode round trip).
+The N candidates of a request come from one batched `sample` call; their scores from one batched call per
+model on the codes (no decode / re-encode round trip).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dynboot.models.base import UnifiedModel
+from dynboot.verify import Verifier, VerifierScore, verification_scores
 
 
 @dataclass
@@ -24,14 +25,6 @@ class BestOfN:
 
     def images(self, fdp: UnifiedModel) -> np.ndarray:
         return fdp.tokenizer.decode(self.codes)
-
-
-def score_candidates(idp: UnifiedModel, before: np.ndarray, candidates: torch.Tensor, actions: list[str]) -> torch.Tensor:
-    """[B, N] mean action log-prob of each candidate, in one batched verifier call."""
-    B, N, L = candidates.shape
-    rep_before = np.repeat(np.asarray(before), N, axis=0)
-    rep_actions = [a for a in actions for _ in range(N)]
-    return idp.action_logprob(rep_before, candidates.reshape(B * N, L), rep_actions).reshape(B, N)
 
 
 def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -46,10 +39,11 @@ def pick_best(candidates: torch.Tensor, scores: torch.Tensor) -> BestOfN:
     return BestOfN(codes, index, candidates, scores)
 
 
-def best_of_n(fdp: UnifiedModel, idp: UnifiedModel, before: np.ndarray, actions: list[str], n: int,
-              temperature: float = 1.0, top_k: int = 0, seed: int | None = 0) -> BestOfN:
-    """Sample `n` candidates per (before, action) and return the one the IDP finds most likely."""
+def best_of_n(fdp: UnifiedModel, idp: UnifiedModel | None, before: np.ndarray, actions: list[str], n: int,
+              temperature: float = 1.0, top_k: int = 0, seed: int | None = 0,
+              verifier: Verifier | VerifierScore = "idp") -> BestOfN:
+    """Sample `n` candidates per (before, action) and return the one the verifier score ranks highest."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     candidates = fdp.sample(before, actions, n=n, temperature=temperature, top_k=top_k, seed=seed)
-    return pick_best(candidates, score_candidates(idp, before, candidates, actions))
+    return pick_best(candidates, verification_scores(verifier, fdp, idp, before, candidates, actions))

@@ -9,8 +9,8 @@ benchmarks all call `predict`, so the same models, items and seed give the same 
 Decisions made here and nowhere else:
 - seeding: item i's candidates are `fdp.sample(before_i, [action_i], n=M, seed=seed + index_i)`, one call per
   item, so results do not depend on how items are batched or spread over actors;
-- what the verifier reads: the candidates' codes when the FDP and IDP share an image tokenizer (no decode /
-  re-encode round trip), else the decoded images (`verifier_sees_codes`);
+- how candidates are ranked: `settings.verifier` (dynboot.verify: the paper's IDP score by default; the IDP reads
+  the candidates' codes when it shares the FDP's image tokenizer, else their decoded images);
 - the greedy sample and the captions are computed per item too (left padding in a batch could flip a tie).
 A failing item becomes a `Prediction` with `error` set; the others are unaffected.
 """
@@ -18,7 +18,7 @@ A failing item becomes a `Prediction` with `error` set; the others are unaffecte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,9 @@ from pydantic import Field
 
 from dynboot.config import Config
 from dynboot.models.base import UnifiedModel
+from dynboot.verify import Verifier, verification_scores
 
-__all__ = ["Item", "Prediction", "PredictSettings", "predict", "verifier_sees_codes", "verifier_scores"]
+__all__ = ["Item", "Prediction", "PredictSettings", "predict"]
 
 
 class PredictSettings(Config):
@@ -40,6 +41,7 @@ class PredictSettings(Config):
     seed: int = Field(0, description="Item i samples with seed + its index.")
     greedy: bool = Field(True, description="Also one greedy (temperature 0) FDP sample per item.")
     captions: bool = Field(True, description="IDP captions of (before, after) for items that have an after image.")
+    verifier: Verifier = Field(default_factory=Verifier, description="How candidates are ranked (dynboot.verify).")
     decode: bool = Field(False, description="Also decode the candidates and the greedy sample to images (for a judge, "
                          "a report, or a caller without the FDP's tokenizer).")
 
@@ -67,44 +69,18 @@ class Prediction:
     correct: np.ndarray | None = None  # [M] bool, set by a scorer that knows the truth (world_scores)
 
 
-Scorer = Callable[[UnifiedModel, UnifiedModel, np.ndarray, torch.Tensor, list[str]], torch.Tensor]
-
-
-def verifier_sees_codes(fdp: UnifiedModel, idp: UnifiedModel) -> bool:
-    """Whether the IDP can score the FDP's codes directly: the same image tokenizer (same type, codebook, codes
-    per image and image policy), so decoding and re-encoding would give the same codes back."""
-    if fdp is idp or fdp.tokenizer is idp.tokenizer:
-        return True
-    a, b = fdp.tokenizer, idp.tokenizer
-    same = type(a) is type(b) and (a.codebook_size, a.tokens_per_image, a.image_size) == \
-        (b.codebook_size, b.tokens_per_image, b.image_size)
-    return same and getattr(a, "policy", None) == getattr(b, "policy", None)
-
-
-def verifier_scores(fdp: UnifiedModel, idp: UnifiedModel, before: np.ndarray, candidates: torch.Tensor,
-                    actions: list[str]) -> torch.Tensor:
-    """[B, M] mean action log-prob of each of the M candidates of B items, in one batched verifier call; the
-    verifier reads codes or decoded images as `verifier_sees_codes` decides."""
-    B, M, L = candidates.shape
-    rep_before = np.repeat(np.asarray(before), M, axis=0)
-    rep_actions = [a for a in actions for _ in range(M)]
-    flat = candidates.reshape(B * M, L)
-    after = flat if verifier_sees_codes(fdp, idp) else fdp.tokenizer.decode(flat)
-    return idp.action_logprob(rep_before, after, rep_actions).reshape(B, M)
-
-
-def _one(fdp: UnifiedModel | None, idp: UnifiedModel | None, item: Item, s: PredictSettings,
-         scorer: Scorer) -> Prediction:
+def _one(fdp: UnifiedModel | None, idp: UnifiedModel | None, item: Item, s: PredictSettings) -> Prediction:
     out = Prediction(item.index)
     before = np.asarray(item.before)[None]
     if fdp is not None:
-        m = s.n if idp is not None else min(s.n, 1)  # without a verifier there is nothing to choose with
+        ranks = idp is not None or s.verifier.score == "fdp"
+        m = s.n if ranks else min(s.n, 1)  # without a verifier there is nothing to choose with
         if m:
             cand = fdp.sample(before, [item.action], n=m, temperature=s.temperature, top_k=s.top_k,
                               seed=s.seed + int(item.index))
             out.candidates = cand[0].cpu().numpy().astype(np.int64)
-            out.scores = (scorer(fdp, idp, before, cand, [item.action])[0].double().numpy() if idp is not None
-                          else np.full(m, np.nan))
+            out.scores = (verification_scores(s.verifier, fdp, idp, before, cand, [item.action])[0].double().numpy()
+                          if ranks else np.full(m, np.nan))
         if s.greedy:
             out.greedy = fdp.sample(before, [item.action], n=1, temperature=0.0)[0, 0].cpu().numpy().astype(np.int64)
         if s.decode:
@@ -120,14 +96,14 @@ def _one(fdp: UnifiedModel | None, idp: UnifiedModel | None, item: Item, s: Pred
 
 
 def predict(fdp: UnifiedModel | None, idp: UnifiedModel | None, items: Sequence[Item],
-            settings: PredictSettings | None = None, scorer: Scorer = verifier_scores) -> list[Prediction]:
+            settings: PredictSettings | None = None) -> list[Prediction]:
     """Predictions for `items` in their order; an item that fails carries its error, the rest go on."""
     s = settings or PredictSettings()
     out = []
     with torch.inference_mode():
         for item in items:
             try:
-                out.append(_one(fdp, idp, item, s, scorer))
+                out.append(_one(fdp, idp, item, s))
             except Exception as err:  # noqa: BLE001 - one bad item (odd image, model error) is that item's
                 out.append(Prediction(item.index, error=f"{type(err).__name__}: {err}"[:500]))
     return out

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from dynboot.config import Config
 from dynboot.models.base import Example, Task, UnifiedModel
-from dynboot.weights import Strategy, recognition_weights
+from dynboot.weights import Strategy, token_weights
 
 __all__ = ["LoopConfig", "lr_at", "build_optimizer", "make_batch", "Batches", "ExampleSampler", "Stepper",
            "PlainStepper", "TrainCore", "TrainLoop", "SEED_STRIDE"]
@@ -49,8 +49,16 @@ class LoopConfig(Config):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     beta2: float = Field(0.98, gt=0, lt=1, description="AdamW beta2 (beta1 = 0.9).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
-    weighting: Strategy = Field("relative", description="FDP recognition-weight strategy (dynboot/weights.py).")
+    weighting: Strategy = Field("relative", description="FDP recognition-weight strategy (dynboot/weights.py): the "
+                                "paper's label-dependent relative/floor, relative_spread/relative_annealed, or the "
+                                "label-independent causal_spread/predicted_change/entropy.")
     weight_floor: float = Field(0.05, ge=0, description="Floor of the 'floor' weighting strategy.")
+    weight_alpha: float = Field(4.0, ge=0, description="Strength of the model-based weightings: w = 1 + alpha * "
+                                "(probability that the cell changes | normalised entropy | neighbour change).")
+    weight_scale: float = Field(1.0, ge=0, description="Strength of the paper's relative term d / mean(d) in "
+                                "relative, relative_spread and relative_annealed (1 = paper-literal).")
+    weight_anneal: float = Field(0.5, gt=0, le=1, description="relative_annealed: fraction of the steps over which "
+                                 "the relative weights fall linearly to plain CE.")
     augment: bool = Field(True, description="Label-preserving augmentation of gold pairs, IDP and FDP (embedded "
                           "world only: grid symmetries, colour and shape permutations with the action rewritten).")
     seed: int = Field(0, description="Seed of the data order and augmentation.")
@@ -74,14 +82,14 @@ def build_optimizer(params, cfg: LoopConfig) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, cfg.beta2))
 
 
-def make_batch(model: UnifiedModel, examples: list[Example], task: Task, cfg: LoopConfig) -> dict[str, torch.Tensor]:
-    """Collate a step's examples; FDP targets get recognition weights from (before, after). Images reach here
-    already in the model's input size (dynboot.ingest applies the tokenizer's policy)."""
-    weights = None
-    if task == "fdp" and cfg.weighting != "none":
-        before = np.stack([e.before for e in examples])
-        after = np.stack([e.after for e in examples])
-        weights = recognition_weights(model.tokenizer, before, after, cfg.weighting, cfg.weight_floor)
+def make_batch(model: UnifiedModel, examples: list[Example], task: Task, cfg: LoopConfig,
+               step: int = 0) -> dict[str, torch.Tensor]:
+    """Collate a step's examples; FDP targets get recognition weights (dynboot.weights; `step` for schedules).
+    Images reach here already in the model's input size (dynboot.ingest applies the tokenizer's policy)."""
+    if task != "fdp":
+        return model.collate(examples, task)
+    weights = token_weights(model, examples, cfg.weighting, cfg.weight_floor, cfg.weight_alpha, step / cfg.steps,
+                            cfg.weight_anneal, cfg.weight_scale)
     return model.collate(examples, task, weights)
 
 
@@ -169,7 +177,7 @@ class TrainCore:
             examples = self.batches.next(cfg.batch_size)
             if self.augment:
                 examples = self.augment(examples, self.rng)
-            batch = make_batch(self.model, examples, cfg.task, cfg)
+            batch = make_batch(self.model, examples, cfg.task, cfg, s)
             loss = self.model.loss(batch, net=self.stepper.net)
             self.stepper.backward(loss)
             self.stepper.step()

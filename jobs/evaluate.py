@@ -33,6 +33,7 @@ from dynboot.images import decode_image, encode_png
 from dynboot.cli import job_main
 from dynboot.config import Config
 from dynboot.rundir import ResumeMode, RunDir, append_jsonl, atomic_write_bytes, write_json
+from dynboot.verify import Verifier
 
 AURORA_SUBSETS = ["magicbrush", "ag", "something", "whatsup", "kubric"]  # the 5 with targets (paper §5.1)
 
@@ -56,6 +57,8 @@ class EvalConfig(Config):
     top_k: int = Field(0, ge=0, description="FDP top-k (0 = off).")
     seed: int = Field(0, description="Sampling seed; item i samples with seed + i.")
     greedy: bool = Field(True, description="Also evaluate one greedy (temperature 0) FDP sample per item.")
+    verifier: Verifier = Field(default_factory=Verifier, description="How best-of-N ranks candidates "
+                               "(dynboot.verify): score=idp (the paper), fdp, idp+fdp (also sees over-editing), idp+edit.")
     batch_size: int = Field(8, ge=1, description="Items per predictor call.")
     limit: int = Field(0, ge=0, description="Evaluate only the first `limit` items (0 = all).")
     subsets: list[str] = Field(AURORA_SUBSETS, description="Aurora tasks to evaluate (empty = all).")
@@ -177,8 +180,10 @@ def _prediction_row(index: int, candidates=(), scores=(), greedy=b"", caption=""
 def settings(cfg: EvalConfig):
     from dynboot.predict import PredictSettings
 
-    return PredictSettings(n=max(cfg.n) if cfg.idp_path else 1, temperature=cfg.temperature, top_k=cfg.top_k,
-                           seed=cfg.seed, greedy=cfg.greedy, captions=bool(cfg.idp_path), decode=True)
+    ranks = bool(cfg.idp_path) or cfg.verifier.score == "fdp"
+    return PredictSettings(n=max(cfg.n) if ranks else 1, temperature=cfg.temperature, top_k=cfg.top_k,
+                           seed=cfg.seed, greedy=cfg.greedy, captions=bool(cfg.idp_path), verifier=cfg.verifier,
+                           decode=True)
 
 
 def predict(cfg: EvalConfig, items: list[dict], run: RunDir) -> list[dict]:

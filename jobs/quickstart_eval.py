@@ -9,7 +9,6 @@ parser, so nothing here depends on the model family.
 from __future__ import annotations
 
 import base64
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ from dynboot.pairs import load_examples
 from dynboot.pseudo_labels import pseudo_label_accuracy
 from dynboot.report import candidates_grid, md_table, score_vs_n_plot, write_report
 from dynboot.rundir import write_json
+from dynboot.stats import verdict
 from dynboot.world.actions import parse_action
 from dynboot.world.generate import load_spec
 from dynboot.world.render import parse
@@ -104,25 +104,6 @@ def evaluate_stage(cfg, world: Path, idp: Path, relabel: Path, fdp: dict[str, Pa
     return results
 
 
-def _se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
-
-
-def _verdict(a: float, b: float, n: int, paired: tuple[list, list] | None = None) -> str:
-    """'yes' when a beats b by more than two standard errors, 'no' when it is worse by as much, else 'within noise'.
-
-    paired: the two models' 0/1 scores on the same examples; the standard error is then that of the mean
-    per-example difference (the paired test: examples both get right or both get wrong add no noise).
-    """
-    gap = a - b
-    if paired is not None:
-        d = np.asarray(paired[0], dtype=float) - np.asarray(paired[1], dtype=float)
-        se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("inf")
-    else:
-        se = math.sqrt(_se(a, n) ** 2 + _se(b, n) ** 2)
-    return "yes" if gap > 2 * se else ("no (reversed)" if gap < -2 * se else "within noise")
-
-
 def _pairs(results: dict, a: str, b: str) -> tuple[list, list] | None:
     ra, rb = results.get(f"fdp_{a}", {}), results.get(f"fdp_{b}", {})
     return (ra["exact_per_pair"], rb["exact_per_pair"]) if "exact_per_pair" in ra and "exact_per_pair" in rb else None
@@ -150,13 +131,13 @@ def write_quickstart_report(root: Path, cfg, results: dict, seconds: dict) -> tu
     w_name = ablation_weighting(cfg) if cfg.weighting == "none" else cfg.weighting
     rows = [
         {"effect": "1 asymmetry: IDP ≫ FDP from the same gold data", "measured": f"IDP exact {results['idp']['exact']:.3f} vs FDP(gold) exact {fdp('gold'):.3f}",
-         "shows": _verdict(results["idp"]["exact"], fdp("gold"), n)},
+         "shows": verdict(results["idp"]["exact"], fdp("gold"), n)},
         {"effect": "2 bootstrapping: gold + pseudo beats gold only", "measured": f"FDP exact {fdp('boot'):.3f} vs {fdp('gold'):.3f} (changed cells {fdp('boot', 'changed_cell_acc'):.3f} vs {fdp('gold', 'changed_cell_acc'):.3f})",
-         "shows": _verdict(fdp("boot"), fdp("gold"), n, _pairs(results, "boot", "gold"))},
+         "shows": verdict(fdp("boot"), fdp("gold"), n, _pairs(results, "boot", "gold"))},
         {"effect": f"3 weighting: recognition-weighted ({w_name}) beats plain CE, on gold + pseudo", "measured": f"FDP exact {fdp(w):.3f} vs {fdp(p):.3f} (changed cells {fdp(w, 'changed_cell_acc'):.3f} vs {fdp(p, 'changed_cell_acc'):.3f})",
-         "shows": _verdict(fdp(w), fdp(p), n, _pairs(results, w, p)) if "fdp_ablation" in results else "not run (ablation=false)"},
+         "shows": verdict(fdp(w), fdp(p), n, _pairs(results, w, p)) if "fdp_ablation" in results else "not run (ablation=false)"},
         {"effect": "4 verification: best-of-N rises with N", "measured": ", ".join(f"N={k}: {bon[k]['exact']:.3f}" for k in ns) + f" (oracle@{ns[-1]} {bon[ns[-1]]['oracle']:.3f})",
-         "shows": _verdict(bon[ns[-1]]["exact"], bon[ns[0]]["exact"], n)},
+         "shows": verdict(bon[ns[-1]]["exact"], bon[ns[0]]["exact"], n)},
     ]
     table = md_table(rows, ["effect", "measured", "shows"])
     pl = results["pseudo_labels"]

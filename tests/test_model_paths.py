@@ -183,6 +183,17 @@ def test_sample_is_budget_chunked_and_deterministic(model):
     assert 0 <= int(a.min()) and int(a.max()) < model.tokenizer.codebook_size
 
 
+def test_image_logprobs_are_the_samplers_teacher_forced_distribution(model):
+    """image_logprobs (what model-based weights and the FDP-likelihood verifier read) is the sampler's own
+    distribution: greedy codes are its argmax at every cell, and it sums to 1 over the codebook."""
+    before, _, actions = data(model, 2, seed=4)
+    greedy = model.sample(before, actions, n=1, temperature=0)[:, 0]
+    lp = model.image_logprobs(before, actions, greedy)
+    assert lp.shape == (2, model.tokenizer.tokens_per_image, model.tokenizer.codebook_size)
+    assert torch.equal(lp.argmax(-1), greedy)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(lp.shape[:2]), atol=1e-4, rtol=0)
+
+
 # ---- captions with their own score -------------------------------------------------------------------------------
 def test_caption_scored_equals_caption_and_action_logprob_with_one_prefill(model):
     before, after, _ = data(model, 4, seed=3)

@@ -35,13 +35,13 @@ def test_quickstart_small(tmp_path):
 def test_paired_verdict_counts_only_the_pairs_where_the_models_differ():
     """Two FDPs scored on the same pairs: 36 pairs only A gets right, 16 only B, the rest agree. The unpaired
     binomial test calls the 0.067 gap noise; the paired one (what the report uses for rows 2 and 3) does not."""
-    from jobs.quickstart_eval import _verdict
+    from dynboot.stats import verdict
 
     a = [1] * 36 + [0] * 16 + [1] * 127 + [0] * 121
     b = [0] * 36 + [1] * 16 + [1] * 127 + [0] * 121
     pa, pb = sum(a) / len(a), sum(b) / len(b)
-    assert _verdict(pa, pb, len(a)) == "within noise"
-    assert _verdict(pa, pb, len(a), (a, b)) == "yes"
-    assert _verdict(pb, pa, len(a), (b, a)) == "no (reversed)"
+    assert verdict(pa, pb, len(a)) == "within noise"
+    assert verdict(pa, pb, len(a), (a, b)) == "yes"
+    assert verdict(pb, pa, len(a), (b, a)) == "no (reversed)"
     same = [1] * 150 + [0] * 150
-    assert _verdict(0.5, 0.5, 300, (same, same)) == "within noise"
+    assert verdict(0.5, 0.5, 300, (same, same)) == "within noise"

@@ -28,7 +28,7 @@ from hypothesis.errors import Unsatisfiable
 from PIL import Image
 
 from dynboot.images import decode_image, encode_png
-from dynboot.best_of_n import score_candidates
+from dynboot.verify import verification_scores
 from dynboot.models.registry import load_model
 from serve.schemas import GENERATOR, INGRESS, VERIFIER, AppArgs
 from serve_harness import (REPO, checkpoints, error_of, free_port, png, post_edit, replicas, serve_apps, tier,
@@ -96,7 +96,7 @@ def test_best_of_n_returns_the_top_n_by_verifier_score(app, scene):
     codes = torch.tensor([c["codes"] for c in body["candidates"]])
     gen, ver = load_model(app["paths"]["fdp"]), load_model(app["paths"]["idp"])
     assert torch.equal(codes, gen.sample(before[None], [action], n=6, seed=123)[0])
-    direct = score_candidates(ver, before[None], codes[None], [action])[0]
+    direct = verification_scores("idp", None, ver, before[None], codes[None], [action])[0]
     np.testing.assert_allclose(body["scores"], direct.numpy(), atol=1e-4)
     assert len(set(np.round(body["scores"], 4))) > 1, "candidates should differ in score"
     top = [int(i) for i in np.argsort(-direct.numpy(), kind="stable")[:2]]
@@ -233,7 +233,7 @@ def test_png_candidate_transport_scores_like_codes_and_a_checkpoint_uri_is_serve
                   headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and r.json()["verifier_transport"] == "png", r.text
     codes = torch.tensor([c["codes"] for c in r.json()["candidates"]])
-    direct = score_candidates(load_model(app["paths"]["idp"]), before[None], codes[None], [action])[0]
+    direct = verification_scores("idp", None, load_model(app["paths"]["idp"]), before[None], codes[None], [action])[0]
     np.testing.assert_allclose(r.json()["scores"], direct.numpy(), atol=1e-4)
 
 

@@ -100,6 +100,12 @@ class UnifiedModel(abc.ABC):
     ) -> torch.Tensor:
         """[B, n, L] image codes; exactly L image tokens each. temperature 0 = greedy."""
 
+    @abc.abstractmethod
+    def image_logprobs(self, before: np.ndarray, actions: list[str], after: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """[B, L, K] teacher-forced FDP log-probs over the codebook at each cell of `after` (images or codes),
+        without gradient: row l is log p(. | before, action, after[<l]). Model-based recognition weights
+        (dynboot.weights) and the FDP-likelihood verifier (dynboot.verify) read it."""
+
     # ---- training --------------------------------------------------------------------------------
     @abc.abstractmethod
     def collate(self, examples: list[Example], task: Task, token_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -172,6 +172,22 @@ class SequenceModel(UnifiedModel):
             out += [part.mean() for part in logp.float().split(counts)]
         return torch.stack(out).cpu() if out else torch.zeros(0)
 
+    @torch.inference_mode()
+    def image_logprobs(self, before, actions: list[str], after) -> torch.Tensor:
+        if not (len(before) == len(actions) == len(after)):
+            raise ValueError(f"batch sizes differ: {len(before)} before, {len(actions)} actions, {len(after)} after")
+        ids = [self.text_ids(t) for t in actions]
+        step = self.rows_per_forward("train_fdp", text_tokens=max((len(i) for i in ids), default=0))
+        L, out = self.tokenizer.tokens_per_image, []
+        for i in range(0, len(actions), step):
+            batch = self._fdp_batch(before[i: i + step], ids[i: i + step], after[i: i + step], False)
+            predicts_code = batch["label_codes"][:, 1:] >= 0  # the next token is a code of `after`
+            read = torch.cat([predicts_code, torch.zeros_like(predicts_code[:, :1])], 1)
+            logits = self.net(**self._net_inputs(batch), readouts=[self.image_readout(read)], use_cache=False,
+                              logit_chunk=self.logit_chunk).readouts[0]
+            out.append(torch.log_softmax(logits.float(), -1).reshape(-1, L, logits.shape[-1]).cpu())
+        return torch.cat(out) if out else torch.zeros(0, L, 0)
+
     def caption(self, before, after, max_new_tokens: int = 32) -> list[str]:
         return self.caption_scored(before, after, max_new_tokens)[0]
 
