@@ -84,16 +84,21 @@ def captured(log_path: str | Path, verbose: bool = False) -> Iterator[Path]:
     if verbose:
         copier = threading.Thread(target=_copy_log, args=(log_path, saved[1], stop), daemon=True, name="dynboot-log-copy")
         copier.start()
+    streams = sys.stdout, sys.stderr
     with _lock:
         _state.update(terminal=saved, log_fd=log_fd, verbose=verbose)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
+        # Python writers too, where sys.stdout is not fd 1 (a notebook, pytest): line-buffered, on the fds
+        sys.stdout = open(1, "w", buffering=1, closefd=False, errors="replace")
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="replace")
     try:
         yield log_path
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         with _lock:
+            sys.stdout, sys.stderr = streams
             for fd, dup in saved.items():
                 os.dup2(dup, fd)
             _state.update(terminal={}, log_fd=None, verbose=False)

@@ -33,6 +33,7 @@ from pydantic import Field
 from dynboot.cli import job_main
 from dynboot.config import Config, save_config
 from dynboot.console import duration, say
+from dynboot.ray_session import ray_session
 from dynboot.rundir import RunDir
 from dynboot.tracking import TrackingKind, open_tracker
 
@@ -137,8 +138,6 @@ def _with_earlier_times(root: Path, times: dict[str, float], done_before: list[s
 
 
 def run(cfg: QuickstartConfig) -> dict:
-    import ray
-
     from dynboot.world.generate import WorldConfig, generate_world
 
     t_all = time.time()
@@ -155,8 +154,7 @@ def run(cfg: QuickstartConfig) -> dict:
         generate_world(WorldConfig(out=str(world), gold=cfg.gold, videos=cfg.videos, test=cfg.test, seed=cfg.seed))
     times["world"] = time.time() - t
 
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
-    try:
+    with ray_session(num_cpus=cfg.num_cpus):  # one Ray session for every stage (joined under `ray job submit`)
         gold_src = {"path": str(world / "gold"), "weight": float(cfg.gold)}  # weights are per-source shares
         t = _stage(f"2/6 train IDP on {cfg.gold} gold pairs ({cfg.idp_steps} steps)", t_all)
         _train(cfg, idp, "idp", [gold_src], cfg.idp_steps)  # (weighting touches FDP targets only)
@@ -193,8 +191,6 @@ def run(cfg: QuickstartConfig) -> dict:
         t = _stage(f"5/6 evaluate: best-of-N (N={cfg.ns}) through the serve app, greedy metrics of every model", t_all)
         results = evaluate_stage(cfg, world, idp, relabel, fdp)
         times["eval"] = time.time() - t
-    finally:
-        ray.shutdown()
 
     t = _stage("6/6 report", t_all)
     times["total"] = time.time() - t_all

@@ -67,13 +67,31 @@ def test_console_shows_progress_and_results_and_the_log_holds_the_rest(train_run
     assert all(abs(logged[int(m["step"])]["loss"] - float(m["loss"])) < 1e-4 for m in progress)
 
 
-@pytest.mark.slow
-def test_verbose_shows_what_the_log_holds(small_world, tmp_path):
-    out = tmp_path / "idp"
-    proc = _train(small_world, out, "steps=4", "eval_every=0", "--verbose")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "RayTrainWorker" in proc.stdout and "done: 4 steps" in proc.stdout
-    assert "RayTrainWorker" in (out / "log.txt").read_text()
+@pytest.mark.parametrize("verbose", [False, True])
+def test_captured_sends_every_writer_to_the_log_and_say_to_the_terminal(tmp_path, capfd, verbose):
+    """What libraries write — Python prints (warnings print to sys.stderr), a child process's stdout and a C-level
+    write to fd 2 — goes to the log; `say` lines to the terminal as well. `verbose` shows the log on the terminal
+    as it grows."""
+    from dynboot.console import captured, say
+
+    log = tmp_path / "log.txt"
+    with captured(log, verbose=verbose):
+        say("1/2 stage one")
+        print("library print")
+        print("a deprecation warning", file=sys.stderr)
+        subprocess.run([sys.executable, "-c", "print('child process line')"], check=True)
+        os.write(2, b"raw fd2 line\n")
+        say("2/2 stage two")
+    terminal = capfd.readouterr()
+    text = log.read_text()
+    noise = ("library print", "a deprecation", "child process line", "raw fd2 line")
+    assert all(n in text for n in noise) and text.index("1/2 stage one") < text.index("2/2 stage two")
+    shown = terminal.out + terminal.err
+    assert "1/2 stage one" in shown and "2/2 stage two" in shown
+    assert all((n in shown) == verbose for n in noise), shown
+    assert shown.count("2/2 stage two") == 1
+    say("after")  # outside: a plain print
+    assert capfd.readouterr().out == "after\n"
 
 
 @pytest.mark.slow
