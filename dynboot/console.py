@@ -85,6 +85,9 @@ def captured(log_path: str | Path, verbose: bool = False) -> Iterator[Path]:
         copier = threading.Thread(target=_copy_log, args=(log_path, saved[1], stop), daemon=True, name="dynboot-log-copy")
         copier.start()
     streams = sys.stdout, sys.stderr
+    color = os.environ.get("RAY_COLOR_PREFIX")
+    if color is None:  # Ray's forwarded worker lines without terminal colour codes (ray/_private/worker.py)
+        os.environ["RAY_COLOR_PREFIX"] = "0"
     with _lock:
         _state.update(terminal=saved, log_fd=log_fd, verbose=verbose)
         os.dup2(log_fd, 1)
@@ -102,6 +105,8 @@ def captured(log_path: str | Path, verbose: bool = False) -> Iterator[Path]:
             for fd, dup in saved.items():
                 os.dup2(dup, fd)
             _state.update(terminal={}, log_fd=None, verbose=False)
+        if color is None:
+            os.environ.pop("RAY_COLOR_PREFIX", None)
         if copier is not None:
             stop.set()
             copier.join(timeout=5)

@@ -72,6 +72,9 @@ class QuickstartConfig(Config):
     port: int = Field(0, ge=0, le=65535, description="Loopback port of the serve app during evaluation (0 = a free "
                       "one: a port in use must not fail the run after the training).")
     clients: int = Field(4, ge=1, description="Concurrent HTTP clients during evaluation.")
+    train_exact: bool = Field(False, description="Also greedy exact match at each training evaluation (off: held-out "
+                              "loss only; stage 5 measures every model on the whole test split, and greedy FDP "
+                              "generation during training cost more than the training itself on 2 cores).")
     fdp_parallel: bool = Field(True, description="Train the FDP runs at the same time (one thread each) rather than "
                                "one after another: the same steps, less waiting for start-ups.")
     progress_every_s: float = Field(5.0, gt=0, description="Seconds between the training stages' progress lines.")
@@ -104,15 +107,13 @@ def _train(cfg: QuickstartConfig, out: Path, task: str, data: list[dict], steps:
         "size": cfg.size, "weighting": weighting, "num_workers": 1, "cpus_per_worker": 1.0 / share,
         "ingest_cpus": 0.5 / share, "threads": 2 if share == 1 else 1,
         "zero_stage": cfg.zero_stage, "eval_data": str(Path(cfg.out) / "world" / "test"), "eval_limit": 128,
-        # held-out loss only: stage 5 measures every model's exact match on the whole test split (greedy
-        # generation during training cost ~30 s per evaluation on 2 cores, four times per run)
-        "eval_generate": False, "eval_every": max(steps // 4, 1), "checkpoint_every": max(steps // 2, 1),
+        "eval_generate": cfg.train_exact, "eval_every": max(steps // 4, 1), "checkpoint_every": max(steps // 2, 1),
         "name": out.name, "progress_every_s": cfg.progress_every_s, "tracking": cfg.tracking,
         "tracking_uri": cfg.tracking_uri, "tracking_project": cfg.tracking_project,
     }))
 
 
-def _train_all(cfg: QuickstartConfig, runs: list[tuple[Path, list[dict], str]]) -> None:
+def train_fdp_runs(cfg: QuickstartConfig, runs: list[tuple[Path, list[dict], str]]) -> None:
     """The FDP runs, all at once (`fdp_parallel`: one Ray Train start-up's wait instead of three, and the cores
     kept busy while a run starts, checkpoints or exports) or one after another."""
     if not cfg.fdp_parallel:
@@ -174,7 +175,7 @@ def run(cfg: QuickstartConfig) -> dict:
 
         kept = json.loads((filt / "summary.json").read_text())["pairs_kept"]
         written = json.loads((relabel / "summary.json").read_text())
-        say(f"  relabel: {written['pairs_total']} pseudo-labelled pairs from {written['shards_total']} videos "
+        say(f"  relabel: {written['pairs_total']} pseudo-labelled pairs from {written['videos_total']} videos "
             f"({written['quarantine_total']} quarantined); the filter kept {kept}  [{duration(times['relabel'])}]")
         if kept == 0:
             raise SystemExit(f"the filter kept no pseudo pairs (min_score={cfg.min_score}): the IDP is too weak for "
@@ -185,7 +186,7 @@ def run(cfg: QuickstartConfig) -> dict:
         t = _stage(f"4/6 train FDP ({cfg.weighting}): gold only, gold + pseudo"
                    f"{f'; gold + pseudo with {other}' if cfg.ablation else ''}", t_all)
         runs = [(fdp["gold"], [gold_src], cfg.weighting), (fdp["boot"], [gold_src, pseudo_src], cfg.weighting)]
-        _train_all(cfg, runs + ([(fdp["ablation"], [gold_src, pseudo_src], other)] if cfg.ablation else []))
+        train_fdp_runs(cfg, runs + ([(fdp["ablation"], [gold_src, pseudo_src], other)] if cfg.ablation else []))
         times["fdp"] = time.time() - t
 
         t = _stage(f"5/6 evaluate: best-of-N (N={cfg.ns}) through the serve app, greedy metrics of every model", t_all)

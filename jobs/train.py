@@ -32,7 +32,10 @@ Stages (resources beside each):
      (rank 0; under ZeRO-3 every rank, so that no rank builds a copy of the model).
   5. export (jobs/train_export.py): `out/adapter/` (LoRA), `out/model/` (loadable by `load_model`), written to a
      temporary directory, checked on the training device in the training dtype, then published.
-  6. driver: metrics.jsonl -> loss_curve.png, summary.json.
+  6. driver: while the workers train, follows metrics.jsonl (jobs/train_progress.py): a progress line every
+     `progress_every_s` (step/steps, loss, samples/s, ETA) and every row to the `tracking` tracker (MLflow / W&B,
+     dynboot.tracking); at the end loss_curve.png, summary.json. Run from the command line, the console shows only
+     these lines; Ray's, DeepSpeed's and the workers' output goes to `out/log.txt` (`--verbose`: both; dynboot.console).
 
 One job per run directory (dynboot.rundir: a lock a crash cannot leave stuck); a rerun whose config differs from
 the recorded one stops naming the fields (resume=force continues anyway, resume=off starts over).
