@@ -313,9 +313,9 @@ def run(cfg: TrainConfig) -> dict:
                 tracker.finish({}, ok=False)
         summary = summarise(cfg, rd, index, notes, result, time.time() - t0)
         tracker.finish(summary)
-    evals = "  ".join(f"{k.removeprefix('eval_')} {v}" for k, v in summary["eval"].items())
+    evals = "  ".join(f"{k} {v}" for k, v in summary["eval"].items())
     skipped = f"  ({summary['malformed_rows']} malformed rows skipped)" if summary["malformed_rows"] else ""
-    say(f"  {name:<5} done: {summary['steps']} steps in {duration(summary['seconds'])}, loss {summary['final_loss']}"
+    say(f"  {name:<12} done: {summary['steps']} steps in {duration(summary['seconds'])}, loss {summary['final_loss']}"
         f"{'  ' + evals if evals else ''}{skipped}  -> {summary['export'].get('model')}")
     return summary
 

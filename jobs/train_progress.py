@@ -4,8 +4,8 @@ Rank 0 appends one row per step to `<out>/metrics.jsonl` (dynboot.rundir); the d
 `TorchTrainer.fit()`, follows that file from a thread. So the console needs nothing from the workers (their output
 goes to the run's log: dynboot.console) and the tracker package is imported in the driver only.
 
-    idp  step  120/900  loss 0.4123  53.0 samples/s  ETA 4m10s
-    idp  step  225/900  loss 0.2011  52.1 samples/s  ETA 3m05s  eval exact 0.713
+    idp          step   120/900  loss 0.4123  53.0 samples/s  ETA 4m10s
+    fdp_boot     step   225/450  loss 0.2011  52.1 samples/s  ETA 3m05s
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ PROGRESS_LINE = re.compile(r"^\s*(?P<name>\S+)\s+step\s+(?P<step>\d+)/(?P<steps>
 
 def progress_line(name: str, row: dict[str, Any], steps: int, eta_s: float | None, eval_exact: float | None = None) -> str:
     eta = duration(eta_s) if eta_s is not None else "?"
-    line = (f"  {name:<5} step {row['step']:>5}/{steps}  loss {row['loss']:.4f}  {row.get('samples_per_s', 0):.1f} "
+    line = (f"  {name:<12} step {row['step']:>5}/{steps}  loss {row['loss']:.4f}  {row.get('samples_per_s', 0):.1f} "
             f"samples/s  ETA {eta}")
     return line + (f"  eval exact {eval_exact:.3f}" if eval_exact is not None else "")
 
