@@ -53,9 +53,9 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def _copy_log(path: Path, terminal: int, stop: threading.Event) -> None:
+def _copy_log(path: Path, start: int, terminal: int, stop: threading.Event) -> None:
     with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
+        f.seek(start)  # where the log ended when the capture began (measured before anything else wrote)
         while True:
             chunk = f.read(1 << 16)
             if chunk:
@@ -82,7 +82,8 @@ def captured(log_path: str | Path, verbose: bool = False) -> Iterator[Path]:
     stop = threading.Event()
     copier = None
     if verbose:
-        copier = threading.Thread(target=_copy_log, args=(log_path, saved[1], stop), daemon=True, name="dynboot-log-copy")
+        copier = threading.Thread(target=_copy_log, args=(log_path, os.fstat(log_fd).st_size, saved[1], stop),
+                                  daemon=True, name="dynboot-log-copy")
         copier.start()
     streams = sys.stdout, sys.stderr
     color = os.environ.get("RAY_COLOR_PREFIX")
