@@ -111,13 +111,6 @@ class TinyWorldModel(CausalLMModel):
             out["before_codes"] = batch["before_codes"].to(dev)
         return out
 
-    def _forward(self, net, batch: dict[str, torch.Tensor], diff: torch.Tensor | None = None, **kw):
-        """Logits at every position of a batch (changed-cell flags `diff`, else none): the train job's export
-        check compares them. Only this backend has it: its logits are small; a 7B model's are not."""
-        inputs = self._net_inputs(batch)
-        inputs["diff_flags"] = (diff if diff is not None else torch.zeros_like(batch["input_ids"])).to(self.device)
-        return net(**inputs, **kw)
-
     def _text_step(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"input_ids": tokens[:, None], "cell_ids": torch.full_like(tokens[:, None], -1),
                 "diff_flags": torch.zeros_like(tokens[:, None])}
