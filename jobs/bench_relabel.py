@@ -37,6 +37,7 @@ from pydantic import Field
 from dynboot import storage
 from dynboot.config import Config
 from dynboot.rundir import write_json
+from dynboot.models.base import TinySize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ class BenchConfig(Config):
     result: str = Field("bench/results/bench_relabel.json", description="Where the JSON is written.")
     sizes: list[int] = Field([10_000, 100_000, 1_000_000], description="Pairs per relabel run, smallest first.")
     distinct_videos: int = Field(200, ge=1, description="World videos in the bucket (the manifests repeat them).")
-    tiny_size: str = Field("xxs", description="Size of the untrained tiny IDP (xxs = the smallest).")
+    tiny_size: TinySize = Field("xxs", description="Size of the untrained tiny IDP (xxs = the smallest).")
     batch_size: int = Field(32, ge=1, description="Pairs per IDP forward call (both measurements).")
     videos_per_batch: int = Field(4, ge=1, description="Videos per actor call in the relabel job.")
     videos_per_task: int = Field(16, ge=1, description="Videos per decode task in the relabel job.")

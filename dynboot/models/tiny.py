@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from dynboot.models.base import TinySize
 from dynboot.models.causal_lm import CausalLMModel
 from dynboot.images import ImagePolicy
 from dynboot.models.registry import read_description
@@ -31,12 +33,13 @@ from dynboot.world.render import GridTokenizer
 from dynboot.world.scene import WorldSpec
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<sep>", "<unk>"]
-SIZES = {  # layers, hidden, heads, ffn
+SIZES: dict[TinySize, tuple[int, int, int, int]] = {  # layers, hidden, heads, ffn
     "xxs": (2, 64, 4, 256),
     "xs": (2, 128, 4, 512),
     "s": (4, 128, 4, 512),
     "m": (4, 256, 8, 1024),
 }
+assert set(SIZES) == set(get_args(TinySize))
 ACTION_PAD = 9  # longest action ("add a red circle left of the blue square") is 9 words
 
 
