@@ -59,8 +59,8 @@ from dynboot.console import duration, say
 from dynboot.rundir import ConfigChanged, ResumeMode, RunDir, RunDirBusy
 from dynboot.tracking import TrackingKind, open_tracker
 from dynboot.trainer import LoopConfig
+from dynboot.models.base import TinySize
 
-TinySize = Literal["xxs", "xs", "s", "m"]
 
 
 class LoraSettings(Config):
