@@ -285,7 +285,10 @@ def run(cfg: TrainConfig) -> dict:
         storage_path, storage_fs = storage.ray_storage(cfg.out)
 
         name = cfg.name or cfg.task
-        tracker = open_tracker(cfg.tracking, name, cfg.model_dump(mode="json"), cfg.tracking_uri, cfg.tracking_project)
+        try:
+            tracker = open_tracker(cfg.tracking, name, cfg.model_dump(mode="json"), cfg.tracking_uri, cfg.tracking_project)
+        except ValueError as err:  # the tracker's package is not installed
+            raise InputError(str(err)) from None
         follower = follow(rd, name, cfg.steps, tracker, cfg.progress_every_s)
         started = not ray.is_initialized()
         if started:
