@@ -103,15 +103,18 @@ def rollout_strip(path: str | Path, start: np.ndarray, actions: Sequence[str], r
     if not rows:
         raise ValueError("rollout_strip needs at least one row")
     cols = 1 + len(actions)
-    fig = Figure(figsize=(1.35 * cols, 1.6 * len(rows)))
+    import textwrap
+
+    fig = Figure(figsize=(1.35 * cols, 1.9 * len(rows)))
     axes = fig.subplots(len(rows), cols, squeeze=False)
+    titles = [textwrap.fill(f"{t + 1}: {a}", 22) for t, a in enumerate(actions)]  # an action fits over its image
     for r, (name, images) in enumerate(rows.items()):
         _show(axes[r, 0], start, "start")
         axes[r, 0].set_ylabel(name, fontsize=7)
         marks = (good or {}).get(name)
-        for t, action in enumerate(actions):
+        for t in range(len(actions)):
             colour = "black" if marks is None else ("green" if t < len(marks) and marks[t] else "red")
-            _show(axes[r, 1 + t], images[t] if t < len(images) else None, f"{t + 1}: {action}"[:34], colour)
+            _show(axes[r, 1 + t], images[t] if t < len(images) else None, titles[t], colour)
     fig.tight_layout()
     return _save(fig, path)
 
