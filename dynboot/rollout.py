@@ -26,6 +26,7 @@ from dynboot.best_of_n import top_n
 from dynboot.models.base import UnifiedModel
 from dynboot.pairs import load_examples
 from dynboot.predict import Item, PredictSettings, predict
+from dynboot.world.actions import ActionError, apply_action, parse_action
 from dynboot.world.episodes import make_episode, pair_key
 from dynboot.world.render import parse, render
 from dynboot.world.scene import WorldSpec
@@ -127,30 +128,46 @@ def training_transitions(spec: WorldSpec, world_dir: str | Path) -> set[bytes]:
 
 
 def rollout_world_scores(spec: WorldSpec, cases: Sequence[RolloutCase], rolls: Sequence[Rollout]) -> dict:
-    """Exact match at each step 1..k: "exact" (the step's predicted scene equals the true one, read by the world's
-    exact parser) and "exact_so_far" (every step up to it exact), over the cases that have that step; a step a case
-    did not reach (its error) counts as wrong. "per_case": 0/1 per case and step, for paired comparisons."""
+    """Per step 1..k, over the cases that have that step (a step a case did not reach counts as wrong):
+    - "exact": the step's predicted scene equals the true one (both read by the world's exact parser);
+    - "exact_so_far": every step up to it exact;
+    - "followed": the step applied its action exactly to the model's own previous prediction, over the steps whose
+      action is still possible there (an error before it compounds into "exact", not into this);
+    "per_case" / "per_case_followed": the 0/1 (followed: None where the action is impossible) per case and step."""
     by_index = {r.index: r for r in rolls}
-    per_case = []
+    per_case, followed = [], []
     for c in cases:
         if c.truth is None:
             raise ValueError(f"case {c.index} has no true scenes to score against")
         r = by_index[c.index]
-        hits = [False] * len(c.actions)
-        if r.images:
-            pred = parse(spec, np.stack([spec_frame(spec, im) for im in r.images]))
-            hits[: len(pred)] = [bool((p == np.asarray(t)).all()) for p, t in zip(pred, c.truth)]
+        hits, kept = [0] * len(c.actions), [0] * len(c.actions)
+        pred = parse(spec, np.stack([spec_frame(spec, im) for im in r.images])) if r.images else []
+        previous = parse(spec, spec_frame(spec, np.asarray(c.start))[None])[0]
+        for t, (p, truth) in enumerate(zip(pred, c.truth)):
+            hits[t] = int((p == np.asarray(truth)).all())
+            try:
+                kept[t] = int((apply_action(spec, previous, parse_action(spec, c.actions[t])) == p).all())
+            except ActionError:  # the model's own state makes the action impossible: not a step it could follow
+                kept[t] = None
+            previous = p
         per_case.append(hits)
-    return {"cases": len(cases), "errors": sum(1 for r in rolls if r.error), "steps": max((len(c.actions) for c in cases), default=0),
-            "by_step": exact_by_step(per_case), "per_case": [[int(x) for x in h] for h in per_case]}
+        followed.append(kept)
+    return {"cases": len(cases), "errors": sum(1 for r in rolls if r.error),
+            "steps": max((len(c.actions) for c in cases), default=0),
+            "by_step": exact_by_step(per_case, followed), "per_case": per_case, "per_case_followed": followed}
 
 
-def exact_by_step(per_case: Sequence[Sequence[int | bool]]) -> dict[str, dict]:
-    """{"1": {"n", "exact", "exact_so_far"}, ...} from 0/1 hits per case and step (cases may have fewer steps)."""
+def exact_by_step(per_case: Sequence[Sequence[int]], followed: Sequence[Sequence[int | None]] | None = None) -> dict:
+    """{"1": {"n", "exact", "exact_so_far"[, "followed", "n_followed"]}, ...} from 0/1 hits per case and step (cases
+    may have fewer steps); `followed` (0/1/None per case and step) adds the followed rate over its non-None steps."""
     k = max((len(h) for h in per_case), default=0)
     out = {}
     for t in range(k):
         rows = [h for h in per_case if t < len(h)]
         out[str(t + 1)] = {"n": len(rows), "exact": float(np.mean([bool(h[t]) for h in rows])),
                            "exact_so_far": float(np.mean([all(h[: t + 1]) for h in rows]))}
+        if followed is not None:
+            possible = [f[t] for f in followed if t < len(f) and f[t] is not None]
+            out[str(t + 1)] |= {"followed": float(np.mean(possible)) if possible else float("nan"),
+                                "n_followed": len(possible)}
     return out

@@ -37,7 +37,7 @@ from dynboot.verify import NEEDS_IDP, Verifier
 
 ROWS = pa.schema([("index", pa.int64()), ("step", pa.int64()), ("action", pa.string()), ("png", pa.binary()),
                   ("chosen", pa.int64()), ("scores", pa.list_(pa.float64())), ("exact", pa.bool_()),
-                  ("error", pa.string())])
+                  ("followed", pa.bool_()), ("error", pa.string())])
 
 
 class RolloutConfig(Config):
@@ -89,15 +89,15 @@ def _roll(cfg: RolloutConfig, models, spec, cases, n: int) -> pa.Table:
     fdp, idp = models
     s = PredictSettings(n=n, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, verifier=cfg.verifier)
     rolls = rollout(fdp, idp if n > 1 else None, cases, s)  # N=1: the first sample, unverified
-    hits = rollout_world_scores(spec, cases, rolls)["per_case"]
+    scores = rollout_world_scores(spec, cases, rolls)
     rows = []
-    for c, r, h in zip(cases, rolls, hits):
+    for c, r, h, f in zip(cases, rolls, scores["per_case"], scores["per_case_followed"]):
         for t, action in enumerate(c.actions):
             done = t < r.steps
             rows.append({"index": c.index, "step": t + 1, "action": action,
                          "png": encode_png(r.images[t]) if done else None, "chosen": r.chosen[t] if done else None,
                          "scores": r.scores[t] if done else None, "exact": bool(h[t]),
-                         "error": "" if done else (r.error or "not reached")})
+                         "followed": None if f[t] is None else bool(f[t]), "error": "" if done else (r.error or "not reached")})
     return pa.Table.from_pylist(rows, schema=ROWS)
 
 
@@ -107,10 +107,12 @@ def _scores(table: pa.Table, steps: int) -> dict:
 
     rows = table.to_pylist()
     cases = sorted({r["index"] for r in rows})
-    hit = {(r["index"], r["step"]): r["exact"] for r in rows}
-    per_case = [[int(hit[(i, t)]) for t in range(1, steps + 1)] for i in cases]
+    by_key = {(r["index"], r["step"]): r for r in rows}
+    per_case = [[int(by_key[(i, t)]["exact"]) for t in range(1, steps + 1)] for i in cases]
+    followed = [[None if by_key[(i, t)]["followed"] is None else int(by_key[(i, t)]["followed"])
+                 for t in range(1, steps + 1)] for i in cases]
     failed = {r["index"] for r in rows if r["error"] and r["error"] != "not reached"}
-    return {"by_step": exact_by_step(per_case), "per_case": per_case, "errors": len(failed)}
+    return {"by_step": exact_by_step(per_case, followed), "per_case": per_case, "errors": len(failed)}
 
 
 def run(cfg: RolloutConfig) -> dict:
@@ -172,13 +174,13 @@ def _write(cfg: RolloutConfig, rd: RunDir, spec, cases, tables: dict, seconds: d
         row = {"step": t}
         row |= {f"N={n} exact": by_n[n]["by_step"][str(t)]["exact"] for n in by_n}
         row |= {f"N={n} all steps so far": by_n[n]["by_step"][str(t)]["exact_so_far"] for n in by_n}
+        row |= {f"N={n} followed": by_n[n]["by_step"][str(t)]["followed"] for n in by_n}
         if paired:
             p = paired[t]
             row[f"gap N={hi} - N={lo} (paired SE)"] = f"{p['gap']:+.3f} ({p['se']:.3f})"
         table.append(row)
         for n in by_n:
-            rd.log(best_of=n, step=t, cases=by_n[n]["by_step"][str(t)]["n"], exact=by_n[n]["by_step"][str(t)]["exact"],
-                   exact_so_far=by_n[n]["by_step"][str(t)]["exact_so_far"])
+            rd.log(best_of=n, step=t, **{("cases" if k == "n" else k): v for k, v in by_n[n]["by_step"][str(t)].items()})
     strips = []
     for c in cases[: cfg.strips]:
         from dynboot.images import decode_image
@@ -206,7 +208,8 @@ def _write(cfg: RolloutConfig, rd: RunDir, spec, cases, tables: dict, seconds: d
         write_json(cfg.results, summary)
     body = (md_table(table) + f"\n{len(cases)} held-out episodes of {cfg.steps} actions (no transition the models "
             f"trained on); exact = the step's predicted scene equals the true one (the world's exact parser); all steps "
-            f"so far = every step up to it exact. Verifier: {cfg.verifier.score}.\n")
+            f"so far = every step up to it exact; followed = the step applied its action exactly to the model's own previous "
+            f"prediction (over the steps where that action is possible). Verifier: {cfg.verifier.score}.\n")
     pictures = "Rows: truth, then each N; green step = exact.\n\n" + "\n".join(f"![case]({s})" for s in strips)
     write_report(rd.path("report.md"), "dynboot rollout", [("Exact match at step 1..k", body)]
                  + ([("Rollout strips", pictures)] if strips else []))

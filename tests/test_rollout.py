@@ -99,7 +99,11 @@ def test_world_scores_count_exact_steps_and_exact_prefixes(models):
              Rollout(2, truth_images[2][:1], error="step 2: boom")]  # failed after step 1
     m = rollout_world_scores(spec, cases, rolls)
     assert m["per_case"] == [[1, 1, 1], [0, 1, 1], [1, 0, 0]] and m["errors"] == 1
-    assert m["by_step"]["1"] == {"n": 3, "exact": 2 / 3, "exact_so_far": 2 / 3}
+    # followed: the action applied to the model's own previous state: on case 1's empty scene step 2 is impossible
+    # (None), step 3 follows from step 2's (right) state; the steps case 2 did not reach count as not followed
+    assert m["per_case_followed"] == [[1, 1, 1], [0, None, 1], [1, 0, 0]]
+    assert m["by_step"]["1"] == {"n": 3, "exact": 2 / 3, "exact_so_far": 2 / 3, "followed": 2 / 3, "n_followed": 3}
+    assert m["by_step"]["2"]["followed"] == 0.5 and m["by_step"]["2"]["n_followed"] == 2
     assert m["by_step"]["3"]["exact"] == 2 / 3 and m["by_step"]["3"]["exact_so_far"] == 1 / 3
     assert exact_by_step([[1, 0], [1]]) == {"1": {"n": 2, "exact": 1.0, "exact_so_far": 1.0},
                                             "2": {"n": 1, "exact": 0.0, "exact_so_far": 0.0}}
@@ -124,6 +128,7 @@ def test_rollout_job_writes_the_run_directory_and_resumes(models, tmp_path, caps
 
     rows = pq.read_table(out / "rollouts" / "n3.parquet").to_pylist()
     assert len(rows) == 6 and all(len(r["scores"]) == 3 and r["png"] for r in rows)
+    assert {"followed", "n_followed"} <= set(summary["by_n"]["1"]["by_step"]["1"])
     stamp = (out / "rollouts" / "n3.parquet").stat().st_mtime_ns
     (out / "rollouts" / "n1.parquet").unlink()  # as if the run had stopped after N=3
     assert main(args + ["strips=0"]) == 0  # a rerun may change strips; it redoes only N=1
