@@ -68,11 +68,13 @@ def step_seed(seed: int, step: int, index: int = 0) -> int:
 
 def rollout(fdp: UnifiedModel, idp: UnifiedModel | None, cases: Sequence[RolloutCase],
             settings: PredictSettings | None = None) -> list[Rollout]:
-    """Roll every case forward through its actions; `settings.n` candidates per step (N=1 or no IDP: the first
-    sample, unverified), ranked by `settings.verifier`."""
+    """Roll every case forward through its actions; `settings.n` candidates per step ranked by `settings.verifier`
+    (N=1: one candidate, nothing to choose; without the verifier's model: the first sample, unscored)."""
     s = settings or PredictSettings()
     if s.n < 1:
         raise ValueError(f"a rollout samples at least one candidate per step, got n={s.n}")
+    if len({c.index for c in cases}) != len(cases):
+        raise ValueError("rollout cases need distinct indices (an index seeds its samples)")
     per_step = s.model_copy(update={"greedy": False, "captions": False, "decode": True})
     out = {c.index: Rollout(c.index) for c in cases}
     current = {c.index: np.asarray(c.start) for c in cases}
