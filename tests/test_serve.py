@@ -187,10 +187,11 @@ def post_rollout(url: str, image: bytes, actions, timeout: float = 120, headers=
     return httpx.post(f"{url}/v1/rollouts", files=parts, headers=headers, timeout=timeout)
 
 
-@pytest.mark.parametrize("score", ["idp", "idp+edit"])
-def test_rollout_endpoint_feeds_each_choice_back_as_the_library_rollout_does(app, score):
+def test_rollout_endpoint_feeds_each_choice_back_as_the_library_rollout_does(app):
     """A seeded rollout over HTTP equals dynboot.rollout.rollout for one case (index 0): the same candidates,
-    choices and images at every step, so the endpoint chains the verified choice exactly like `dynboot rollout`."""
+    choices and images at every step, so the endpoint chains the verified choice exactly like `dynboot rollout`
+    (idp+edit: parts from both tiers; every score's combination is checked on /v1/images/edits above)."""
+    score = "idp+edit"
     from dynboot.predict import PredictSettings
     from dynboot.rollout import RolloutCase, rollout, world_cases
     from dynboot.world import WorldSpec
