@@ -8,7 +8,9 @@
     dynboot serve ...                             run the Serve app (`serve.run_local`)
 
 Every command takes an optional YAML config file, then `key=value` overrides (`--key value` and
-`--key=value` are accepted as spellings of `key=value`); `--help` lists the fields with descriptions.
+`--key=value` are accepted as spellings of `key=value`); `--help` lists the fields with descriptions;
+`--check` validates the command line (the config file, every key and value) and prints the resolved config
+without running anything (tests/test_docs_commands.py checks every documented command this way).
 Job modules are launched by name, like torchtune's `tune run` launches recipes, so the library never
 imports `jobs/` or `serve/`.
 """
@@ -38,7 +40,7 @@ def normalise_args(argv: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(argv):
         a = argv[i]
-        if a.startswith("--") and a not in ("--help",):
+        if a.startswith("--") and a not in ("--help", "--check"):
             key = a[2:].replace("-", "_")
             if "=" in key:
                 out.append(key)
@@ -59,11 +61,15 @@ def job_main(cls: type[C], run: Callable[[C], object], argv: list[str] | None = 
     if "--help" in argv or "-h" in argv:
         print((doc or cls.__doc__ or "").strip() + "\n\nfields (key=value):\n" + cls.help())
         return 0
+    check = "--check" in argv
     try:
-        cfg = load_config(cls, argv)
+        cfg = load_config(cls, [a for a in argv if a != "--check"])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if check:
+        print(cfg.model_dump_json(indent=1))
+        return 0
     run(cfg)
     return 0
 

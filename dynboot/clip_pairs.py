@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from dynboot import storage
 from dynboot.images import encode_png
+from dynboot.video import open_video
 from dynboot.manifest import video_id_of
 from dynboot.pairs import make_row, to_table
 
@@ -79,20 +80,10 @@ def read_clip_manifest(uri: str) -> list[dict[str, Any]]:
 
 def _frames(path: str, indices: list[int]) -> tuple[dict[int, Any], int, float]:
     """({index: RGB frame} for the wanted indices that exist, frame count, fps), seeking, one frame at a time."""
-    try:
-        from dynboot.video import open_video  # the bounded-memory frame source (key-frame work)
-    except ImportError:  # until it is on main: decord by index, which seeks as well
-        open_video = None
-    if open_video is not None:
-        src = open_video(path)
-        n = src.info.frames
-        wanted = sorted({i for i in indices if 0 <= i < n}) if n else sorted(set(indices))
-        return dict(src.frames(wanted)), n, src.info.fps
-    import decord
-
-    vr = decord.VideoReader(path, num_threads=1, ctx=decord.cpu(0))
-    n = len(vr)
-    return {i: vr[i].asnumpy() for i in sorted(set(indices)) if 0 <= i < n}, n, float(vr.get_avg_fps())
+    src = open_video(path)  # the bounded-memory frame source (decord, else PyAV): seeks, one frame at a time
+    n = src.info.frames
+    wanted = sorted({i for i in indices if 0 <= i < n}) if n else sorted(set(indices))
+    return dict(src.frames(wanted)), n, src.info.fps
 
 
 def _with_extension(value: str, extension: str) -> str:

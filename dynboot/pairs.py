@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from dynboot import storage
 from dynboot.aurora import read_aurora
 from dynboot.partitions import committed_files
-from dynboot.images import decode_image, encode_png, load_image
+from dynboot.images import encode_png, load_image
 
 if TYPE_CHECKING:  # imported where used: torch (via models.base) would slow every Ray worker that writes rows
     from dynboot.models.base import Example
@@ -83,21 +83,6 @@ def check_row(row: dict[str, Any]) -> str | None:
     if not isinstance(row["action"], str):
         return "action is not a string"
     return None
-
-
-def row_to_example(row: dict[str, Any]) -> Example:
-    """Decode a pair row; raises ValueError (naming the row) when it is malformed."""
-    from dynboot.models.base import Example
-
-    problem = check_row(row)
-    if problem:
-        raise ValueError(f"row {row.get('id')!r}: {problem}")
-    try:
-        before, after = decode_image(row["before"]), decode_image(row["after"])
-    except ValueError as err:
-        raise ValueError(f"row {row.get('id')!r}: {err}") from None
-    meta = {k: row.get(k) for k in ("id", "source", "score", "provenance") if k in row}
-    return Example(before, after, row["action"], meta)
 
 
 def conform(table: pa.Table) -> pa.Table:

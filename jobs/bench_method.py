@@ -29,6 +29,7 @@ from dynboot.trainer import LoopConfig, TrainLoop
 from dynboot.world.augment import world_augmenter
 from dynboot.world.generate import WorldConfig, generate_world, load_spec
 from dynboot.world_eval import best_of_n_eval, fdp_eval, idp_eval
+from dynboot.models.base import TinySize
 
 
 class BenchConfig(Config):
@@ -37,7 +38,7 @@ class BenchConfig(Config):
     part: str = Field("all", pattern="^(all|speed|learning)$", description="Which benchmarks to run.")
     world: str = Field("runs/world", description="World directory (generated with defaults if missing).")
     out: str = Field("runs/bench/method", description="Where the JSON and model checkpoints go.")
-    size: str = Field("xs", description="Tiny model size.")
+    size: TinySize = Field("xs", description="Tiny model size.")
     steps: int = Field(1000, ge=1, description="Optimiser steps per learning run.")
     gold_sizes: list[int] = Field([500, 2000], description="Gold-set sizes for the IDP learning curves.")
     fdp_gold: int = Field(2000, ge=1, description="Gold pairs for the FDP runs.")

@@ -7,7 +7,7 @@ bottleneck, do files and rerun bookkeeping stay small? Then the projection to a 
 Measured in one run, on one local Ray cluster (`num_cpus` logical CPUs) and one moto S3 server on loopback (the
 one the tests use, tests/s3_server.py), with the smallest IDP (the tiny world model, `tiny_size=xxs`, saved and
 uploaded to the bucket), the same batch size and actor resources throughout:
-1. IDP-model-only pairs/s: one actor with the relabel IDP actor's resources runs caption + action_logprob over
+1. IDP-model-only pairs/s: one actor with the relabel IDP actor's resources runs caption_scored (as relabel) over
    pre-decoded pairs, batch_size at a time, before and after the relabel runs (the mean is the reference);
 2. for each size: the relabel job from `s3://bench/manifests/<size>.jsonl` to `s3://bench/runs/<size>`. The
    videos are `distinct_videos` world videos in the bucket; the manifest lists them again under new ids
@@ -37,6 +37,7 @@ from pydantic import Field
 from dynboot import storage
 from dynboot.config import Config
 from dynboot.rundir import write_json
+from dynboot.models.base import TinySize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ class BenchConfig(Config):
     result: str = Field("bench/results/bench_relabel.json", description="Where the JSON is written.")
     sizes: list[int] = Field([10_000, 100_000, 1_000_000], description="Pairs per relabel run, smallest first.")
     distinct_videos: int = Field(200, ge=1, description="World videos in the bucket (the manifests repeat them).")
-    tiny_size: str = Field("xxs", description="Size of the untrained tiny IDP (xxs = the smallest).")
+    tiny_size: TinySize = Field("xxs", description="Size of the untrained tiny IDP (xxs = the smallest).")
     batch_size: int = Field(32, ge=1, description="Pairs per IDP forward call (both measurements).")
     videos_per_batch: int = Field(4, ge=1, description="Videos per actor call in the relabel job.")
     videos_per_task: int = Field(16, ge=1, description="Videos per decode task in the relabel job.")
@@ -67,7 +68,7 @@ class BenchConfig(Config):
 
 
 class IDPOnly:
-    """The model alone, in an actor with the relabel IDP actor's resources: pairs/s of caption + log-prob."""
+    """The model alone, in an actor with the relabel IDP actor's resources: pairs/s of captions with their scores."""
 
     def __init__(self, model_path: str, threads: int):
         import torch
@@ -82,8 +83,7 @@ class IDPOnly:
         while n == 0 or time.perf_counter() - t0 < min_s:
             for i in range(0, len(before), batch_size):
                 b, a = before[i:i + batch_size], after[i:i + batch_size]
-                captions = self.model.caption(b, a)
-                self.model.action_logprob(b, a, captions)
+                captions, _ = self.model.caption_scored(b, a)  # relabel's one forward per pair
                 n += len(captions)
         wall = time.perf_counter() - t0
         return {"pairs": n, "wall_s": round(wall, 3), "pairs_per_s": round(n / wall, 2)}

@@ -36,6 +36,7 @@ from dynboot.config import Config
 from dynboot.mixture import Source
 from dynboot.pairs import gold_rows, to_table
 from dynboot.rundir import RunDir, write_json
+from dynboot.models.base import TinySize
 from jobs.train import TrainConfig
 from jobs.train_worker import plain_reference
 
@@ -49,7 +50,7 @@ class BenchConfig(Config):
     out: str = Field("runs/bench_train", description="Where the runs, the generated data and bench_train.json go.")
     parts: list[Part] = Field(["streaming", "plain", "zero"], description="What to measure (module doc).")
     task: Literal["idp", "fdp"] = Field("idp", description="Task trained.")
-    size: Literal["xxs", "xs", "s", "m"] = Field("xs", description="Tiny model size.")
+    size: TinySize = Field("xs", description="Tiny model size.")
     steps: int = Field(60, ge=2, description="Steps per run.")
     batch_size: int = Field(32, ge=1, description="Pairs per step per worker.")
     threads: int = Field(2, ge=1, description="torch threads of the plain loop and of the 1-worker Ray job.")

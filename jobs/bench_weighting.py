@@ -37,6 +37,7 @@ from dynboot.trainer import LoopConfig, TrainLoop
 from dynboot.world.augment import world_augmenter
 from dynboot.world.generate import load_spec
 from dynboot.world_eval import fdp_eval
+from dynboot.models.base import TinySize
 
 BASELINE = "none"
 
@@ -53,7 +54,7 @@ class BenchWeightingConfig(Config):
     seeds: list[int] = Field([0, 1], description="Seeds (initialisation + batch sampling) of every variant.")
     steps: int = Field(450, ge=1, description="Optimiser steps (the quickstart's fdp_steps).")
     batch_size: int = Field(64, ge=1, description="Pairs per step (the quickstart's batch_size).")
-    size: str = Field("xs", description="Tiny model size (the quickstart's size).")
+    size: TinySize = Field("xs", description="Tiny model size (the quickstart's size).")
     threads: int = Field(2, ge=1, description="torch threads.")
     save_models: bool = Field(True, description="Keep each trained FDP under out/models/ (for bench_verifier, analysis).")
 

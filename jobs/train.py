@@ -55,8 +55,8 @@ from dynboot.data_index import BenchmarkRefused, EmptySource, build_index, chang
 from dynboot.mixture import Source, parse_sources
 from dynboot.rundir import ConfigChanged, ResumeMode, RunDir, RunDirBusy
 from dynboot.trainer import LoopConfig
+from dynboot.models.base import TinySize
 
-TinySize = Literal["xxs", "xs", "s", "m"]
 
 
 class LoraSettings(Config):

@@ -79,13 +79,10 @@ def build_model(cfg, lora: bool, device: str = "cpu", dtype: torch.dtype = torch
         model = load_model(storage.local_model_dir(cfg.model_path), backend=cfg.backend or None, device=device, dtype=dtype)
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     if lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         targets = cfg.lora.target_modules or model.lora_target_modules()
-        lora_cfg = (model.lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
-                    if hasattr(model, "lora_config") else
-                    LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                               target_modules=targets, task_type="CAUSAL_LM"))
+        lora_cfg = model.lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
         model.net = get_peft_model(model.net, lora_cfg)
     return model.train()
 

@@ -29,6 +29,7 @@ import torch
 from dynboot.images import ImagePolicy
 
 Task = Literal["idp", "fdp"]
+TinySize = Literal["xxs", "xs", "s", "m"]  # the tiny world model's sizes (dynboot.models.tiny.SIZES)
 Stage = Literal["score", "caption", "sample", "train_idp", "train_fdp"]  # what `token_cost` prices
 
 

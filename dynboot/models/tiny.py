@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from dynboot.models.base import TinySize
 from dynboot.models.causal_lm import CausalLMModel
 from dynboot.images import ImagePolicy
 from dynboot.models.registry import read_description
@@ -31,12 +33,13 @@ from dynboot.world.render import GridTokenizer
 from dynboot.world.scene import WorldSpec
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<sep>", "<unk>"]
-SIZES = {  # layers, hidden, heads, ffn
+SIZES: dict[TinySize, tuple[int, int, int, int]] = {  # layers, hidden, heads, ffn
     "xxs": (2, 64, 4, 256),
     "xs": (2, 128, 4, 512),
     "s": (4, 128, 4, 512),
     "m": (4, 256, 8, 1024),
 }
+assert set(SIZES) == set(get_args(TinySize))
 ACTION_PAD = 9  # longest action ("add a red circle left of the blue square") is 9 words
 
 
@@ -110,13 +113,6 @@ class TinyWorldModel(CausalLMModel):
         if "before_codes" in batch:
             out["before_codes"] = batch["before_codes"].to(dev)
         return out
-
-    def _forward(self, net, batch: dict[str, torch.Tensor], diff: torch.Tensor | None = None, **kw):
-        """Logits at every position of a batch (changed-cell flags `diff`, else none): the train job's export
-        check compares them. Only this backend has it: its logits are small; a 7B model's are not."""
-        inputs = self._net_inputs(batch)
-        inputs["diff_flags"] = (diff if diff is not None else torch.zeros_like(batch["input_ids"])).to(self.device)
-        return net(**inputs, **kw)
 
     def _text_step(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"input_ids": tokens[:, None], "cell_ids": torch.full_like(tokens[:, None], -1),
