@@ -96,7 +96,7 @@ def cluster_address(monkeypatch):
             ray.shutdown()
 
 
-@pytest.mark.slow  # eight CLI runs on one local Ray cluster: ~4-8 min on 2 shared cores
+@pytest.mark.slow  # eight CLI runs on one local Ray cluster: 7.6-11.8 min on 2 heavily shared cores
 def test_the_papers_protocol_on_real_data(tmp_path, cluster_address):
     lines = rehearsal_commands((REPO / "README.md").read_text())
     run = tmp_path / "rehearsal"
