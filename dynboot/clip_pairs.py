@@ -160,7 +160,7 @@ def clip_pairs(manifest: str, columns: ClipColumns = ClipColumns(), video_root: 
             missing.append(_problem(line, "", "no_video", f"no {columns.video!r} column value"))
             continue
         uri = _video_uri(str(value), manifest, video_root, extension)
-        ids.setdefault(uri, video_id_of(_with_extension(str(value), extension), keep_extension=True))
+        ids.setdefault(uri, video_id_of(_with_extension(str(value), extension)))
         by_video.setdefault(uri, []).append((line, rec))
     if missing:
         yield [], missing

@@ -4,6 +4,7 @@
     candidates_grid("grid.png", [{"title": "move the red circle up", "before": img, "candidates": [...],
                                   "labels": ["-1.20 ok", ...], "chosen": 3, "target": img}])
     score_vs_n_plot("score_vs_n.png", {"best-of-N": {1: 0.25, 8: 0.31}, "oracle": {...}}, "exact match")
+    rollout_strip("strip.png", start, actions, {"truth": [...], "N=1": [...], "N=8": [...]}, good={"N=1": [...]})
 
 Figures use matplotlib's Agg canvas directly (no pyplot global state), so they work in any process,
 headless, threaded or inside a Ray worker.
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 
 from dynboot.rundir import atomic_write_bytes, atomic_write_text
 
-__all__ = ["fmt", "md_table", "candidates_grid", "score_vs_n_plot", "write_report", "eval_report", "headline"]
+__all__ = ["fmt", "md_table", "candidates_grid", "rollout_strip", "score_vs_n_plot", "write_report", "eval_report", "headline"]
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -91,6 +92,29 @@ def candidates_grid(path: str | Path, examples: Sequence[dict[str, Any]], max_ca
         _show(axes[r, k + 1], cands[chosen] if chosen is not None and chosen < len(cands) else None,
               f"chosen #{chosen}" if chosen is not None else "chosen")
         _show(axes[r, k + 2], ex.get("target"), "target")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def rollout_strip(path: str | Path, start: np.ndarray, actions: Sequence[str], rows: dict[str, Sequence],
+                  good: dict[str, Sequence[bool]] | None = None) -> Path:
+    """A multi-step rollout as one picture: a row per rollout (e.g. "truth", "N=1", "N=8"), the start image then
+    each step's image under its action; `good` colours a row's step titles green (exact) / red."""
+    if not rows:
+        raise ValueError("rollout_strip needs at least one row")
+    cols = 1 + len(actions)
+    import textwrap
+
+    fig = Figure(figsize=(1.35 * cols, 1.9 * len(rows)))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    titles = [textwrap.fill(f"{t + 1}: {a}", 22) for t, a in enumerate(actions)]  # an action fits over its image
+    for r, (name, images) in enumerate(rows.items()):
+        _show(axes[r, 0], start, "start")
+        axes[r, 0].set_ylabel(name, fontsize=7)
+        marks = (good or {}).get(name)
+        for t in range(len(actions)):
+            colour = "black" if marks is None else ("green" if t < len(marks) and marks[t] else "red")
+            _show(axes[r, 1 + t], images[t] if t < len(images) else None, titles[t], colour)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config
+from dynboot.models.base import TinySize
 
 
 class CaptionPassConfig(Config):
@@ -27,7 +28,7 @@ class CaptionPassConfig(Config):
     pairs: int = Field(512, ge=1, description="World pairs labelled per repeat.")
     batch_size: int = Field(32, ge=1, description="Pairs per IDP call (relabel's default batch_size).")
     repeats: int = Field(3, ge=1, description="Interleaved repeats of each method.")
-    size: str = Field("xs", description="Tiny model size (the quickstart's IDP is xs).")
+    size: TinySize = Field("xs", description="Tiny model size (the quickstart's IDP is xs).")
     threads: int = Field(2, ge=1, description="torch threads.")
     seed: int = Field(0, description="Seed of the world pairs and the model.")
     out: str = Field("bench/results/relabel_one_pass.json", description="JSON results file.")

@@ -347,7 +347,8 @@ def aurora_metrics(cfg: EvalConfig, rows: list[dict], ns: list[int], judge) -> d
         out["judge"]["stats"] = dict(judge.stats)
         out["judge"]["model"] = cfg.judge_model
         judge.close()
-    capped = [r for r in rows if r.get("caption") and r.get("target")]
+    # every item with a target was captioned: an empty caption is a wrong one, not a missing one
+    capped = [r for r in rows if r.get("caption") is not None and r.get("target")]
     if cfg.idp_path and capped:
         by_task = {t: text_metrics([r["caption"] for r in capped if r["task"] == t], [r["instruction"] for r in capped if r["task"] == t])
                    for t in sorted({r["task"] for r in capped})}

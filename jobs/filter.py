@@ -14,7 +14,8 @@ Modes:
               gives its best-scoring remaining row (the last, partial round takes the best of those), until
               `top_k` rows of that data set are kept (top_k=0: no cap). The summary says which class each data
               set's rows were stratified by.
-In score-only and enable, malformed rows (no class, NaN score) never pass.
+In score-only and enable, malformed rows (no class, an empty caption, NaN score) never pass: training skips an
+empty caption as malformed, so it would only take a kept pair's place.
 
 It scales with the pair count, not the image bytes, and reads only committed input (dynboot.partitions):
   1 scan    Ray tasks, one per input file: the id, action, score, dataset and label columns
@@ -124,7 +125,8 @@ def _select(cfg: FilterConfig, table: pa.Table) -> tuple[np.ndarray | None, dict
     classes, source = _classes(table)
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     datasets = table.column("dataset").to_pylist()
-    valid = np.array([bool(c) for c in classes], bool) & ~np.isnan(scores)
+    captioned = [bool(str(a).strip()) for a in table.column("action").to_pylist()]
+    valid = np.array([bool(c) and a for c, a in zip(classes, captioned)], bool) & ~np.isnan(scores)
     passing = valid & (scores >= cfg.min_score)
     idx = np.flatnonzero(passing)
     chosen = np.asarray(stratified_top_k(table.column("id").take(pa.array(idx)).to_pylist(), [classes[i] for i in idx],

@@ -34,7 +34,7 @@ from dynboot.partitions import commit_partition, partition_id
 from jobs.relabel_ledger import Ledger
 
 if TYPE_CHECKING:
-    from jobs.relabel import RelabelConfig
+    from jobs.relabel_config import RelabelConfig
 
 Status = Literal["ok", "quarantined", "retry_later"]
 Reason = Literal["missing", "empty_file", "unreadable", "too_short", "no_keyframes", "too_large", "bad_manifest_row",

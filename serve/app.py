@@ -11,7 +11,12 @@ HTTP API (every error, expected or not, is OpenAI-style JSON `{"error": {"messag
                          `scores` lists every candidate's score in sample order. `size` is "auto" or the model's
                          own "SxS" (anything else: 400 naming them). Extension fields: best_of, temperature, top_k,
                          seed (a seeded request is sampled alone, reproducibly), return_candidates=true (every
-                         candidate's codes, PNG and score). mask, output_compression, streaming -> 400.
+                         candidate's codes, PNG and score), verifier_score=idp|fdp|idp+fdp|idp+edit (default: the
+                         app's `verification`; `score_parts` lists each part per candidate). mask,
+                         output_compression, streaming -> 400.
+  POST /v1/rollouts      multipart `image`, `actions` (JSON array, at most max_rollout_steps) [, best_of, seed,
+                         temperature, top_k, verifier_score] -> {"steps": [{"action", "b64_json", "candidate_index",
+                         "score", "scores", ...}]}: each step's best candidate is the next step's before.
   POST /v1/actions       multipart `before`, `after` [, `action`] -> {"action", "score", "captioned"} (IDP only).
   GET  /v1/models[/{id}] the served model (id, object, created, owned_by).
   GET  /healthz          liveness; /readyz: ready or not (model details only to authorised callers).
@@ -40,13 +45,16 @@ from ray.serve.handle import DeploymentHandle
 
 from dynboot import storage
 from dynboot.best_of_n import top_n
+from dynboot.rollout import step_seed
+from dynboot.verify import NEEDS_FDP, NEEDS_IDP, VERIFIER_SCORES, combine
+from dynboot.verify import Verifier as VerifierSettings
 from serve.auth import AuthPolicy, serve_bind_host
 from serve.openapi import openapi_schema
 from serve.schemas import INGRESS, AppArgs
 from serve.tiers import Generator, ReplicaUnhealthy, Verifier
-from serve.validate import (ACTION_FIELDS, CHOICES, EDIT_FIELDS, EDIT_UNSUPPORTED, SAMPLING, ApiError, bool_field,
-                            choice_field, image_field, install_error_handlers, number_field, read_form, reject_unknown,
-                            text_field)
+from serve.validate import (ACTION_FIELDS, CHOICES, EDIT_FIELDS, EDIT_UNSUPPORTED, ROLLOUT_FIELDS, SAMPLING, ApiError,
+                            actions_field, bool_field, choice_field, image_field, install_error_handlers, number_field,
+                            read_form, reject_unknown, text_field)
 
 log = logging.getLogger("ray.serve")
 
@@ -218,6 +226,7 @@ class BestOfNIngress:
             raise ApiError(400, "stream=true is not supported", param="stream", code="unsupported_field")
         temperature, top_k, seed = (number_field(form, key, *SAMPLING[key]) for key in ("temperature", "top_k", "seed"))
         with_candidates = bool_field(form, "return_candidates")
+        verifier = self._verifier(form)
         image = await image_field(form, ("image", "image[]"), a)
         info = await self._models(deadline)
         side = info["generator"]["image_size"]
@@ -225,27 +234,82 @@ class BestOfNIngress:
         transport = self._transport(info)
         t_parsed = time.perf_counter()
 
-        gen = await self._call(self.gen.sample, image.data, prompt, best_of, temperature, top_k, seed, what="generator",
-                               deadline=deadline)
-        t_gen = time.perf_counter()
-        payload = gen["codes"] if transport == "codes" else gen["pngs"]
-        scores = await self._call(self.ver.score, image.data, payload, prompt, what="verifier", deadline=deadline)
-        t_ver = time.perf_counter()
-
+        step = await self._best_of(image.data, prompt, best_of, temperature, top_k, seed, verifier, transport, deadline)
+        gen, scores = step["gen"], step["scores"]
         order = top_n(torch.tensor([scores]), n)[0].tolist()
         body = {
             "created": int(time.time()),
             "data": [{"b64_json": _b64(gen["pngs"][i]), "candidate_index": i, "score": scores[i]} for i in order],
             "output_format": "png", "size": f"{side}x{side}", "model": a.model_name, "n": n, "best_of": best_of,
-            "scores": scores, "seed": gen["seed"], "input_size": f"{image.array.shape[1]}x{image.array.shape[0]}",
+            "scores": scores, "score_parts": step["parts"], "verifier_score": verifier.score, "seed": gen["seed"],
+            "input_size": f"{image.array.shape[1]}x{image.array.shape[0]}",
             "generator": gen["model_id"], "verifier_transport": transport,
-            "timings_ms": {"parse": _ms(t0, t_parsed), "generate": _ms(t_parsed, t_gen), "verify": _ms(t_gen, t_ver),
+            "timings_ms": {"parse": _ms(t0, t_parsed), "generate": step["generate_ms"], "verify": step["verify_ms"],
                            "total": _ms(t0, time.perf_counter())},
         }
         if with_candidates:
             body["candidates"] = [{"index": i, "score": s, "codes": np.asarray(gen["codes"][i]).tolist(),
                                    "b64_json": _b64(p)} for i, (s, p) in enumerate(zip(scores, gen["pngs"]))]
         return body
+
+    def _verifier(self, form) -> VerifierSettings:
+        """The app's verification settings, with the request's `verifier_score` when it names one."""
+        score = choice_field(form, "verifier_score", list(VERIFIER_SCORES))
+        v = self.args.verification
+        return v if score is None else v.model_copy(update={"score": score})
+
+    async def _best_of(self, image: bytes, prompt: str, best_of: int, temperature: float, top_k: int, seed: int | None,
+                       verifier: VerifierSettings, transport: str, deadline: Deadline) -> dict:
+        """One best-of-N step: `best_of` candidates from the generator, which also computes the verifier parts it
+        can (the FDP's log-prob, the edit fraction), the IDP part from the verifier tier, combined here by
+        dynboot.verify.combine (the function evaluation's verification_scores ends in)."""
+        t0 = time.perf_counter()
+        parts = tuple(p for p, needs in (("fdp", NEEDS_FDP), ("edit", ("idp+edit",))) if verifier.score in needs)
+        gen = await self._call(self.gen.sample, image, prompt, best_of, temperature, top_k, seed, parts,
+                               what="generator", deadline=deadline)
+        t_gen = time.perf_counter()
+        computed = dict(gen.get("parts", {}))
+        if verifier.score in NEEDS_IDP:
+            payload = gen["codes"] if transport == "codes" else gen["pngs"]
+            computed["idp"] = await self._call(self.ver.score, image, payload, prompt, what="verifier", deadline=deadline)
+        scores = combine(verifier, **{k: torch.tensor([v], dtype=torch.float64) for k, v in computed.items()})[0].tolist()
+        return {"gen": gen, "scores": scores, "parts": computed, "generate_ms": _ms(t0, t_gen),
+                "verify_ms": _ms(t_gen, time.perf_counter())}
+
+    @api.post("/v1/rollouts")
+    async def rollouts(self, request: Request) -> dict:
+        """Roll the FDP forward from `image` through `actions` (a JSON array of action strings, at most
+        max_rollout_steps): each step samples best_of candidates, keeps the verifier's best and feeds it back as the
+        next before. With `seed`, step t samples with dynboot.rollout.step_seed(seed, t), as `dynboot rollout` does
+        for a case of index 0."""
+        t0, a = time.perf_counter(), self.args
+        deadline = Deadline(a.request_deadline_s)
+        self.auth.check(request)
+        form = await read_form(request, self.max_body, min(a.body_timeout_s, deadline.remaining()))
+        reject_unknown(form, ROLLOUT_FIELDS, {})
+        self._check_model(form)
+        actions = actions_field(form, "actions", a.max_rollout_steps)
+        best_of = number_field(form, "best_of", int, 1, a.max_best_of, a.default_best_of)
+        temperature, top_k, seed = (number_field(form, key, *SAMPLING[key]) for key in ("temperature", "top_k", "seed"))
+        choice_field(form, "response_format", CHOICES["response_format"])
+        verifier = self._verifier(form)
+        image = await image_field(form, ("image", "image[]"), a)
+        info = await self._models(deadline)
+        transport = self._transport(info)
+        before, steps = image.data, []
+        for t, action in enumerate(actions):
+            step_seed_t = None if seed is None else step_seed(seed, t)
+            step = await self._best_of(before, action, best_of, temperature, top_k, step_seed_t, verifier, transport,
+                                       deadline)
+            scores = step["scores"]
+            best = int(top_n(torch.tensor([scores]), 1)[0, 0])
+            before = step["gen"]["pngs"][best]
+            steps.append({"step": t + 1, "action": action, "b64_json": _b64(before), "candidate_index": best,
+                          "score": scores[best], "scores": scores, "score_parts": step["parts"], "seed": step_seed_t})
+        side = info["generator"]["image_size"]
+        return {"created": int(time.time()), "object": "rollout", "model": a.model_name, "best_of": best_of,
+                "verifier_score": verifier.score, "size": f"{side}x{side}", "seed": seed, "steps": steps,
+                "timings_ms": {"total": _ms(t0, time.perf_counter())}}
 
     @api.post("/v1/actions")
     async def actions(self, request: Request) -> dict:

@@ -13,6 +13,7 @@ import copy
 from fastapi import FastAPI
 
 from serve.schemas import AppArgs
+from dynboot.verify import VERIFIER_SCORES
 from serve.validate import CHOICES, SAMPLING
 
 ERROR_SCHEMA = {
@@ -50,10 +51,30 @@ def edit_form(args: AppArgs, side: int) -> dict:
         "user": {"type": "string"}, "safety_identifier": {"type": "string"},
         "stream": {"type": "boolean", "enum": [False]},
         "return_candidates": {"type": "boolean", "description": "Add every candidate's codes, PNG and score."},
+        "verifier_score": _verifier_score(args),
     }
     props |= {key: {"type": "string", "enum": allowed} for key, allowed in CHOICES.items()}
     props |= {key: _number(*spec, description=f"Sampling: {key}.") for key, spec in SAMPLING.items()}
     return {"type": "object", "required": ["image", "prompt"], "properties": props, "additionalProperties": False}
+
+
+def _verifier_score(args: AppArgs) -> dict:
+    return {"type": "string", "enum": list(VERIFIER_SCORES),
+            "description": f"How candidates are ranked (dynboot.verify; default {args.verification.score!r})."}
+
+
+def rollout_form(args: AppArgs) -> dict:
+    props = {
+        "image": _image("The start image."),
+        "actions": {"type": "string", "contentMediaType": "application/json",
+                    "description": f"A JSON array of 1 to {args.max_rollout_steps} actions, applied in order."},
+        "best_of": _number(int, 1, args.max_best_of, args.default_best_of, "Candidates sampled per step."),
+        "model": {"type": "string", "enum": [args.model_name]}, "user": {"type": "string"},
+        "response_format": {"type": "string", "enum": CHOICES["response_format"]},
+        "verifier_score": _verifier_score(args),
+    }
+    props |= {key: _number(*spec, description=f"Sampling: {key}.") for key, spec in SAMPLING.items()}
+    return {"type": "object", "required": ["image", "actions"], "properties": props, "additionalProperties": False}
 
 
 def action_form(args: AppArgs) -> dict:
@@ -73,7 +94,8 @@ def openapi_schema(api: FastAPI, args: AppArgs, side: int, bearer: bool) -> dict
             op["responses"].pop("422", None)  # FastAPI's validation errors are answered as 400 (validate.py)
             if bearer and path.startswith("/v1/"):
                 op["security"] = [{"bearer": []}]
-    for path, form in (("/v1/images/edits", edit_form(args, side)), ("/v1/actions", action_form(args))):
+    for path, form in (("/v1/images/edits", edit_form(args, side)), ("/v1/actions", action_form(args)),
+                       ("/v1/rollouts", rollout_form(args))):
         schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": form}}}
     if bearer:
         schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}

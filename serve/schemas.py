@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 
 from dynboot import storage
 from dynboot.config import Config
+from dynboot.verify import Verifier
 
 GENERATOR, VERIFIER, INGRESS = "Generator", "Verifier", "BestOfNIngress"
 
@@ -151,6 +152,13 @@ class AppArgs(Config):
         "Serve /v1/* without a token even when listening beyond loopback (an explicit opt-out; off by default)."))
     openapi: bool = Field(False, description=(
         "Serve the OpenAPI schema at /openapi.json (behind the same bearer token as /v1/*). No /docs page."))
+    verification: Verifier = Field(default_factory=Verifier, description=(
+        "How best-of-N ranks candidates, the same block as eval's `verifier` (dynboot.verify): score=idp (the "
+        "paper), fdp, idp+fdp, idp+edit. The FDP and edit parts are computed on the generator tier (which holds "
+        "the FDP), the IDP part on the verifier tier; the ingress combines them. A request may pick another "
+        "score with the `verifier_score` field; the weights are the app's."))
+    max_rollout_steps: int = Field(16, ge=1, le=256, description=(
+        "Most actions one /v1/rollouts request may roll forward (each step samples best_of candidates)."))
     candidate_transport: Literal["auto", "codes", "png"] = Field("auto", description=(
         "How candidates reach the verifier: image codes (compact; needs both models on one tokenizer), "
         "PNG bytes, or auto (codes when the tokenizers match)."))

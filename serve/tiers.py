@@ -34,10 +34,14 @@ from dynboot import storage
 from dynboot.devices import is_device_fault
 from dynboot.images import decode_image, encode_png
 from dynboot.models.registry import load_model
+from dynboot.verify import edit_fraction, fdp_score
 from serve.schemas import GENERATOR, VERIFIER, FaultInjection
 from serve.validate import ApiError
 
 log = logging.getLogger("ray.serve")
+
+# The verifier parts (dynboot.verify) the generator computes: it holds the FDP and the candidates' codes.
+GENERATOR_PARTS = ("edit", "fdp")
 
 # Tokens a prompt layout spends besides the action and the two images (specials, separators, instructions):
 # a margin for the context check below, generous for every backend's layout (dynboot/prompts.py).
@@ -114,6 +118,7 @@ class SampleJob(Job):
     temperature: float
     top_k: int
     seed: int | None
+    parts: tuple[str, ...] = ()  # verifier parts this tier computes for the candidates: "fdp", "edit"
 
 
 @dataclass
@@ -226,10 +231,15 @@ class Generator(ModelTier):
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def sample(self, png: bytes, action: str, n: int, temperature: float = 1.0, top_k: int = 0,
-                     seed: int | None = None) -> dict:
-        """{"codes": int32 [n, L], "pngs": n PNG bytes, "seed", "model_id", "image_size"}."""
+                     seed: int | None = None, parts: tuple[str, ...] = ()) -> dict:
+        """{"codes": int32 [n, L], "pngs": n PNG bytes, "seed", "model_id", "image_size"}, plus the verifier parts
+        asked for in `parts` (dynboot.verify): "fdp" (the FDP's mean log-prob of each candidate) and "edit" (the
+        fraction of codes each candidate changes), n floats each, computed in the same model call."""
         self.check_prompt(action, "prompt")
-        job = SampleJob(png, action, n, temperature, top_k, seed)
+        unknown = set(parts) - set(GENERATOR_PARTS)
+        if unknown:
+            raise ValueError(f"the generator computes the verifier parts {GENERATOR_PARTS}, not {sorted(unknown)}")
+        job = SampleJob(png, action, n, temperature, top_k, seed, tuple(sorted(parts)))
         try:
             return _raise_if_error(await self._batched(job))
         except asyncio.CancelledError:
@@ -245,7 +255,7 @@ class Generator(ModelTier):
         alone, so its candidates equal `model.sample(before, [action], n, seed=seed)`."""
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
-            key = (job.n, job.temperature, job.top_k) if job.seed is None else ("seeded", i)
+            key = (job.n, job.temperature, job.top_k, job.parts) if job.seed is None else ("seeded", i)
             groups.setdefault(key, []).append(i)
         results: list = [None] * len(jobs)
         for idx in groups.values():
@@ -255,22 +265,29 @@ class Generator(ModelTier):
             before = np.stack([self._model_input(j.png) for j in group])
 
             def sample():
-                codes = self.model.sample(before, [j.action for j in group], n=first.n, temperature=first.temperature,
+                actions = [j.action for j in group]
+                codes = self.model.sample(before, actions, n=first.n, temperature=first.temperature,
                                           top_k=first.top_k, seed=seed)
-                return codes, self.model.tokenizer.decode(codes.reshape(-1, codes.shape[-1]))
+                parts = {}
+                if "fdp" in first.parts:
+                    parts["fdp"] = fdp_score(self.model, before, codes, actions)
+                if "edit" in first.parts:
+                    parts["edit"] = edit_fraction(self.model.tokenizer, before, codes)
+                return codes, self.model.tokenizer.decode(codes.reshape(-1, codes.shape[-1])), parts
 
             out = self._model_call(group, sample)
             if out is None:  # every request of the group was cancelled
                 for i in idx:
                     results[i] = asyncio.CancelledError()
                 continue
-            codes, images = out
+            codes, images, parts = out
             self._count_rows("sampled_rows", len(idx) * first.n)
             images = images.reshape(len(idx), first.n, *images.shape[1:])
             for row, i in enumerate(idx):
                 results[i] = {"codes": codes[row].numpy().astype(np.int32), "pngs": [encode_png(im) for im in images[row]],
                               "seed": first.seed, "model_id": self.model.model_id,
-                              "image_size": int(self.model.tokenizer.image_size)}
+                              "image_size": int(self.model.tokenizer.image_size),
+                              "parts": {k: v[row].tolist() for k, v in parts.items()}}
         return results
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -39,12 +40,14 @@ log = logging.getLogger("ray.serve")
 # honoured or refused with the values allowed (serve/app.py).
 EDIT_FIELDS = {"image", "image[]", "prompt", "n", "best_of", "response_format", "model", "size", "quality", "user",
                "background", "output_format", "safety_identifier", "stream", "temperature", "top_k", "seed",
-               "return_candidates"}
+               "return_candidates", "verifier_score"}
 EDIT_UNSUPPORTED = {"mask": "best-of-N edits the whole image; masks are not supported",
                     "markup": "markup images are not supported", "partial_images": "streaming is not supported",
                     "output_compression": "images are returned as lossless PNG",
                     "input_fidelity": "the generator has no input-fidelity setting"}
 ACTION_FIELDS = {"before", "after", "action", "model"}
+ROLLOUT_FIELDS = {"image", "image[]", "actions", "best_of", "model", "response_format", "temperature", "top_k", "seed",
+                  "verifier_score", "user"}
 # OpenAI options this server can honour only with these values (anything else: 400 naming them); `size` is
 # checked against the model's own side at request time.
 CHOICES = {"response_format": ["b64_json"], "output_format": ["png"], "quality": ["auto"], "background": ["auto", "opaque"]}
@@ -180,6 +183,22 @@ def number_field(form: FormData, key: str, kind: type, lo: float, hi: float, def
     if not lo <= value <= hi:
         raise ApiError(400, f"{key} must be between {lo} and {hi}, got {value}", param=key, code=f"{key}_out_of_range")
     return value
+
+
+def actions_field(form: FormData, key: str, max_steps: int) -> list[str]:
+    """A JSON array of 1..max_steps non-empty action strings (their token lengths are checked by the model tiers)."""
+    raw = text_field(form, key, required=True)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ApiError(400, f"field {key!r} must be a JSON array of non-empty strings (one action per step), got "
+                       f"{raw[:80]!r}", param=key, code="invalid_field")
+    if not 1 <= len(value) <= max_steps:
+        raise ApiError(400, f"{key} must hold between 1 and {max_steps} actions, got {len(value)}", param=key,
+                       code=f"{key}_out_of_range")
+    return [v.strip() for v in value]
 
 
 def bool_field(form: FormData, key: str) -> bool:

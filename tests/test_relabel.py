@@ -329,10 +329,12 @@ def test_filter_modes_and_class_labels(cluster, tmp_path):
     lab = tmp_path / "labelled" / "shards"
     rows = [(f"u{i}", f"move the thing {i}", -0.01 * i, "ucf", "ApplyEyeMakeup" if i < 6 else "Biking") for i in range(9)]
     rows += [(f"k{i}", f"{w} it", -0.01 * i, "kinetics", "") for i, w in enumerate(["open", "open", "open", "close"])]
+    rows += [("u9", "", 0.0, "ucf", "Biking")]  # the best score, but an empty caption (training skips it): malformed
     _shard(lab / "x.parquet", rows)
     s = run_filter(FilterConfig(shards=str(lab), out=str(tmp_path / "f2"), mode="enable", top_k=4))
     kept = read_pairs(tmp_path / "f2").to_pylist()
-    assert s["stratified_by"] == {"ucf": "label", "kinetics": "caption_word"}
+    assert s["stratified_by"] == {"ucf": "label", "kinetics": "caption_word"} and s["malformed"] == 1
+    assert "u9" not in {r["video_id"] for r in kept}
     assert Counter(r["dataset"] for r in kept) == {"ucf": 4, "kinetics": 4}
     assert Counter(r["label"] for r in kept if r["dataset"] == "ucf") == {"ApplyEyeMakeup": 2, "Biking": 2}
     assert s["per_class_enable"] == {"kinetics/close": 1, "kinetics/open": 3, "ucf/ApplyEyeMakeup": 2, "ucf/Biking": 2}

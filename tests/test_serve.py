@@ -12,6 +12,7 @@ Faults (CUDA-style errors, deadlines, slow bodies) are in tests/test_serve_fault
 from __future__ import annotations
 
 import base64
+import json
 import re
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from hypothesis.errors import Unsatisfiable
 from PIL import Image
 
 from dynboot.images import decode_image, encode_png
-from dynboot.verify import verification_scores
+from dynboot.verify import VERIFIER_SCORES, verification_scores
+from dynboot.verify import Verifier as VerifierSettings
 from dynboot.models.registry import load_model
 from serve.schemas import GENERATOR, INGRESS, VERIFIER, AppArgs
 from serve_harness import (REPO, checkpoints, error_of, free_port, png, post_edit, replicas, serve_apps, tier,
@@ -41,6 +43,7 @@ from ray import serve  # noqa: E402
 
 TOKEN_ENV, TOKEN = "DYNBOOT_TEST_SERVE_TOKEN", "s3cret-token"
 MODEL = "dynboot-best-of-n"
+GUARDED_VERIFICATION = {"score": "idp+fdp", "fdp_weight": 0.5}  # the guarded app's configured verifier
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +58,11 @@ def app(tmp_path_factory, s3_server):
     paths = checkpoints(tmp_path_factory.mktemp("serve"), {"fdp": ("xs", 0), "idp": ("xs", 1), "fdp_slow": ("m", 2)})
     idp_uri = storage.copy_dir(paths["idp"], storage.join(s3_server.bucket("serve-models"), "idp model #1"))
     main = {"generator_path": paths["fdp"], "verifier_path": paths["idp"], "max_best_of": 8, "openapi": True,
+            "max_rollout_steps": 3,
             "max_image_bytes": 64 * 1024, "max_image_pixels": 128 * 128, "api_token_env": "DYNBOOT_UNSET_TOKEN_ENV",
             "generator": tier(), "verifier": tier(), "ingress": tier()}
     guarded = {"generator_path": paths["fdp_slow"], "verifier_path": idp_uri, "api_token_env": TOKEN_ENV,
-               "replica_retries": 0, "candidate_transport": "png",
+               "replica_retries": 0, "candidate_transport": "png", "verification": GUARDED_VERIFICATION,
                "generator": tier(max_ongoing_requests=1, max_queued_requests=1), "verifier": tier(), "ingress": tier()}
     cache = str(tmp_path_factory.mktemp("model_cache"))
     with serve_apps({"main": ("/", main), "guarded": ("/g", guarded)}, env={TOKEN_ENV: TOKEN, "DYNBOOT_CACHE_DIR": cache}) as url:
@@ -154,6 +158,83 @@ def test_actions_caption_and_score(app, scene):
     assert scored["action"] == action and not scored["captioned"] and abs(scored["score"] - direct) < 1e-4
 
 
+@pytest.mark.parametrize("score", VERIFIER_SCORES)
+def test_verifier_score_chosen_in_serve_equals_the_librarys(app, scene, score):
+    """Per request (`verifier_score`): the FDP / edit parts from the generator tier, the IDP part from the verifier
+    tier, combined in the ingress, give the scores and the choice of dynboot.verify.verification_scores."""
+    before, action = scene
+    r = post_edit(app["url"], encode_png(before), action, n=2, best_of=6, seed=123, verifier_score=score,
+                  return_candidates="true")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    codes = torch.tensor([c["codes"] for c in body["candidates"]])
+    gen, ver = load_model(app["paths"]["fdp"]), load_model(app["paths"]["idp"])
+    direct = verification_scores(score, gen, ver, before[None], codes[None], [action])[0].numpy()
+    np.testing.assert_allclose(body["scores"], direct, atol=1e-4)
+    assert [d["candidate_index"] for d in body["data"]] == [int(i) for i in np.argsort(-direct, kind="stable")[:2]]
+    parts = {"idp": {"idp"}, "fdp": {"fdp"}, "idp+fdp": {"idp", "fdp"}, "idp+edit": {"idp", "edit"}}[score]
+    assert body["verifier_score"] == score and set(body["score_parts"]) == parts
+    if "edit" in parts:  # the fraction of the before image's codes each candidate changes
+        changed = (codes != gen.tokenizer.encode(before[None])).float().mean(-1)
+        np.testing.assert_allclose(body["score_parts"]["edit"], changed.numpy(), atol=1e-6)
+
+
+def post_rollout(url: str, image: bytes, actions, timeout: float = 120, headers=None, **fields) -> httpx.Response:
+    parts = [("image", ("start.png", image, "image/png"))] if image is not None else []
+    parts += [(k, (None, str(v))) for k, v in fields.items()]
+    if actions is not None:
+        parts.append(("actions", (None, actions if isinstance(actions, str) else json.dumps(actions))))
+    return httpx.post(f"{url}/v1/rollouts", files=parts, headers=headers, timeout=timeout)
+
+
+def test_rollout_endpoint_feeds_each_choice_back_as_the_library_rollout_does(app):
+    """A seeded rollout over HTTP equals dynboot.rollout.rollout for one case (index 0): the same candidates,
+    choices and images at every step, so the endpoint chains the verified choice exactly like `dynboot rollout`
+    (idp+edit: parts from both tiers; every score's combination is checked on /v1/images/edits above)."""
+    score = "idp+edit"
+    from dynboot.predict import PredictSettings
+    from dynboot.rollout import RolloutCase, rollout, world_cases
+    from dynboot.world import WorldSpec
+
+    case = world_cases(WorldSpec(), 1, 3, seed=7)[0]
+    r = post_rollout(app["url"], encode_png(case.start), case.actions, best_of=4, seed=5, verifier_score=score)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [s["action"] for s in body["steps"]] == case.actions and body["verifier_score"] == score
+    gen, ver = load_model(app["paths"]["fdp"]), load_model(app["paths"]["idp"])
+    lib = rollout(gen, ver, [RolloutCase(0, case.start, case.actions)],
+                  PredictSettings(n=4, seed=5, verifier=VerifierSettings(score=score)))[0]
+    assert [s["candidate_index"] for s in body["steps"]] == lib.chosen
+    for step, image, scores in zip(body["steps"], lib.images, lib.scores):
+        np.testing.assert_array_equal(decode_image(base64.b64decode(step["b64_json"])), image)
+        np.testing.assert_allclose(step["scores"], scores, atol=1e-4)
+        assert len(step["scores"]) == 4 and step["score"] == max(step["scores"])
+
+
+def test_bad_rollout_requests_get_named_4xx(app, scene):
+    url, image = app["url"], encode_png(scene[0])
+    cases = [((image, None), {}, 400, "missing_field", "actions"),
+             ((image, "move it up"), {}, 400, "invalid_field", "JSON array"),
+             ((image, [scene[1], ""]), {}, 400, "invalid_field", "non-empty strings"),
+             ((image, [scene[1]] * 4), {}, 400, "actions_out_of_range", "between 1 and 3"),
+             ((image, []), {}, 400, "actions_out_of_range", "got 0"),
+             ((image, [scene[1], "move " * 200]), {}, 400, "prompt_too_long", "200 tokens"),
+             ((image, [scene[1]]), {"best_of": 9}, 400, "best_of_out_of_range", "between 1 and 8"),
+             ((image, [scene[1]]), {"verifier_score": "judge"}, 400, "unsupported_verifier_score", "idp+edit"),
+             ((image, [scene[1]]), {"n": 2}, 400, "unknown_field", "'n'"),
+             ((None, [scene[1]]), {}, 400, "missing_field", "image"),
+             ((b"not an image", [scene[1]]), {}, 400, "invalid_image", "decodable")]
+    for (img, actions), fields, status, code, words in cases:
+        r = post_rollout(url, img, actions, **fields)
+        assert r.status_code == status, (code, r.text)
+        err = error_of(r)
+        assert err["code"] == code and words in err["message"], err
+    r = post_rollout(f"{url}/g", image, [scene[1]])
+    assert r.status_code == 401 and error_of(r)["code"] == "missing_token"
+    ok = post_rollout(f"{url}/g", image, [scene[1]] * 2, best_of=2, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and len(ok.json()["steps"]) == 2 and ok.json()["verifier_score"] == "idp+fdp", ok.text
+
+
 BAD_EDITS = {  # name: (post_edit kwargs builder, status, code, words in the message)
     "wrong file field": (lambda p: {"files": [("picture", ("x.png", p))]}, 400, "unknown_field", "picture"),
     "no image field": (lambda p: {"files": [], "n": 2}, 400, "missing_field", "image"),
@@ -232,8 +313,13 @@ def test_png_candidate_transport_scores_like_codes_and_a_checkpoint_uri_is_serve
     r = post_edit(f"{app['url']}/g", encode_png(before), action, best_of=3, seed=7, return_candidates="true",
                   headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and r.json()["verifier_transport"] == "png", r.text
+    assert r.json()["verifier_score"] == "idp+fdp" and set(r.json()["score_parts"]) == {"idp", "fdp"}
     codes = torch.tensor([c["codes"] for c in r.json()["candidates"]])
-    direct = verification_scores("idp", None, load_model(app["paths"]["idp"]), before[None], codes[None], [action])[0]
+    gen, ver = load_model(app["paths"]["fdp_slow"]), load_model(app["paths"]["idp"])
+    idp = verification_scores("idp", None, ver, before[None], codes[None], [action])[0]
+    np.testing.assert_allclose(r.json()["score_parts"]["idp"], idp.numpy(), atol=1e-4)
+    configured = VerifierSettings(**GUARDED_VERIFICATION)  # the app's `verification` block, weights included
+    direct = verification_scores(configured, gen, ver, before[None], codes[None], [action])[0]
     np.testing.assert_allclose(r.json()["scores"], direct.numpy(), atol=1e-4)
 
 
@@ -303,7 +389,7 @@ def test_fuzz_api_from_its_openapi_schema_no_5xx_and_every_error_in_openai_shape
     schema = schemathesis.openapi.from_url(f"{app['url']}/openapi.json", timeout=60)
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = {op.label for op in operations}
-    assert {"POST /v1/images/edits", "POST /v1/actions", "GET /v1/models", "GET /v1/models/{model}", "GET /readyz"} <= labels
+    assert {"POST /v1/images/edits", "POST /v1/actions", "POST /v1/rollouts", "GET /v1/models", "GET /v1/models/{model}", "GET /readyz"} <= labels
     seen: dict[tuple, set] = {}
 
     for op in operations:
