@@ -11,6 +11,8 @@ Every command takes an optional YAML config file, then `key=value` overrides (`-
 `--key=value` are accepted as spellings of `key=value`); `--help` lists the fields with descriptions;
 `--check` validates the command line (the config file, every key and value) and prints the resolved config
 without running anything (tests/test_docs_commands.py checks every documented command this way).
+Jobs with a console (train, quickstart) print a line per stage and progress lines; everything else the
+libraries print (Ray, DeepSpeed, warnings) goes to `<out>/log.txt`; `--verbose` shows it on the console too.
 Job modules are launched by name, like torchtune's `tune run` launches recipes, so the library never
 imports `jobs/` or `serve/`.
 """
@@ -21,7 +23,10 @@ import runpy
 import sys
 from typing import Callable, TypeVar
 
+from pathlib import Path
+
 from dynboot.config import Config, ConfigError, load_config
+from dynboot.console import captured, say
 
 C = TypeVar("C", bound=Config)
 
@@ -56,9 +61,18 @@ def normalise_args(argv: list[str]) -> list[str]:
     return out
 
 
-def job_main(cls: type[C], run: Callable[[C], object], argv: list[str] | None = None, doc: str | None = None) -> int:
-    """Entry point shared by every command: parse config, print help or errors, run."""
-    argv = normalise_args(list(sys.argv[1:] if argv is None else argv))
+LOG_NAME = "log.txt"  # in a job's run directory: everything printed during the run (dynboot.console)
+CONSOLE_FLAGS = ("--verbose", "-v")
+
+
+def job_main(cls: type[C], run: Callable[[C], object], argv: list[str] | None = None, doc: str | None = None,
+             console: bool = False) -> int:
+    """Entry point shared by every command: parse config, print help or errors, run. With `console`, the run's
+    own output goes to `<cfg.out>/log.txt` and the terminal shows only `dynboot.console.say` lines, unless
+    `--verbose` (a flag, not a config field: it does not change what a rerun resumes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in CONSOLE_FLAGS for a in argv)
+    argv = normalise_args([a for a in argv if a not in CONSOLE_FLAGS])
     if "--help" in argv or "-h" in argv:
         print((doc or cls.__doc__ or "").strip() + "\n\nfields (key=value):\n" + cls.help())
         return 0
@@ -71,7 +85,18 @@ def job_main(cls: type[C], run: Callable[[C], object], argv: list[str] | None = 
     if check:
         print(cfg.model_dump_json(indent=1))
         return 0
-    run(cfg)
+    out = getattr(cfg, "out", "")
+    if console and out:
+        from dynboot import storage
+
+        console = not storage.is_uri(out)  # the log is a local file: a run on object storage prints as before
+    if not console:
+        run(cfg)
+        return 0
+    log = Path(out) / LOG_NAME
+    with captured(log, verbose):
+        say(f"dynboot: everything else this run prints goes to {log} (--verbose: here too)")
+        run(cfg)
     return 0
 
 

@@ -11,6 +11,24 @@ import os
 from typing import Iterator
 
 
+START_ATTEMPTS = 3
+
+
+def start_local(num_cpus: int = 0) -> None:
+    """A new local cluster. Ray gives its raylet a fixed 30 s to register with the GCS (ray/_private/node.py, not
+    configurable); on a loaded laptop that can pass, and the start is retried from scratch."""
+    import ray
+
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(num_cpus=num_cpus or None, include_dashboard=False)
+            return
+        except Exception as err:  # ray raises a bare Exception for this timeout
+            if "timed out during startup" not in str(err) or attempt == START_ATTEMPTS:
+                raise
+            ray.shutdown()  # stops the processes this attempt started
+
+
 @contextlib.contextmanager
 def ray_session(address: str = "", num_cpus: int = 0) -> Iterator[None]:
     """Use the running Ray session, else join `address` / RAY_ADDRESS, else start a local cluster with
@@ -23,7 +41,7 @@ def ray_session(address: str = "", num_cpus: int = 0) -> Iterator[None]:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None)
     else:
-        ray.init(num_cpus=num_cpus or None, include_dashboard=False)
+        start_local(num_cpus)
     try:
         yield
     finally:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +32,10 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config, save_config
+from dynboot.console import duration, say
+from dynboot.ray_session import ray_session
 from dynboot.rundir import RunDir
+from dynboot.tracking import TrackingKind, open_tracker
 
 from jobs.quickstart_eval import ablation_weighting, evaluate_stage, write_quickstart_report
 
@@ -65,8 +69,19 @@ class QuickstartConfig(Config):
                             "parallel: no DeepSpeed op build on a fresh laptop).")
     num_cpus: int = Field(4, ge=1, description="Logical CPUs of the local Ray cluster (oversubscribing 2 cores is "
                           "fine: every actor asks for a fraction).")
-    port: int = Field(8000, ge=1, le=65535, description="Port of the serve app during evaluation.")
+    port: int = Field(0, ge=0, le=65535, description="Loopback port of the serve app during evaluation (0 = a free "
+                      "one: a port in use must not fail the run after the training).")
     clients: int = Field(4, ge=1, description="Concurrent HTTP clients during evaluation.")
+    train_exact: bool = Field(False, description="Also greedy exact match at each training evaluation (off: held-out "
+                              "loss only; stage 5 measures every model on the whole test split, and greedy FDP "
+                              "generation during training cost more than the training itself on 2 cores).")
+    fdp_parallel: bool = Field(True, description="Train the FDP runs at the same time (one thread each) rather than "
+                               "one after another: the same steps, less waiting for start-ups.")
+    progress_every_s: float = Field(5.0, gt=0, description="Seconds between the training stages' progress lines.")
+    tracking: TrackingKind = Field("none", description="Experiment tracker (as HF Trainer's report_to): none, mlflow "
+                                   "or wandb; each training stage is a run, and the quickstart's results one more.")
+    tracking_uri: str = Field("", description="MLflow tracking URI (empty = MLFLOW_TRACKING_URI, else MLflow's default).")
+    tracking_project: str = Field("dynboot-quickstart", description="MLflow experiment / W&B project.")
 
 
 def _done(stage: Path) -> bool:
@@ -74,21 +89,42 @@ def _done(stage: Path) -> bool:
 
 
 def _stage(name: str, t_all: float) -> float:
-    print(f"\n=== [{time.time() - t_all:6.0f}s] {name}", flush=True)
+    say(f"[{duration(time.time() - t_all):>6}] {name}")
     return time.time()
 
 
-def _train(cfg: QuickstartConfig, out: Path, task: str, data: list[dict], steps: int, weighting: str = "none") -> None:
+def _train(cfg: QuickstartConfig, out: Path, task: str, data: list[dict], steps: int, weighting: str = "none",
+           share: int = 1) -> None:
+    """One `dynboot train` run in this Ray session. `share` runs at once (the FDP stage): each reserves 1/share of
+    the CPUs and trains with one thread, so that they fill the 2 cores together instead of oversubscribing them."""
     from jobs.train import TrainConfig, run as train
 
     if _done(out):
+        say(f"  {out.name}: done in an earlier run ({out / 'summary.json'})")
         return
     train(TrainConfig.model_validate({
         "task": task, "data": data, "out": str(out), "steps": steps, "batch_size": cfg.batch_size,
-        "size": cfg.size, "weighting": weighting, "num_workers": 1, "cpus_per_worker": 1.0, "threads": 2,
+        "size": cfg.size, "weighting": weighting, "num_workers": 1, "cpus_per_worker": 1.0 / share,
+        "ingest_cpus": 0.5 / share, "threads": 2 if share == 1 else 1,
         "zero_stage": cfg.zero_stage, "eval_data": str(Path(cfg.out) / "world" / "test"), "eval_limit": 128,
-        "eval_every": max(steps // 4, 1), "checkpoint_every": max(steps // 2, 1),
+        "eval_generate": cfg.train_exact, "eval_every": max(steps // 4, 1), "checkpoint_every": max(steps // 2, 1),
+        "name": out.name, "progress_every_s": cfg.progress_every_s, "tracking": cfg.tracking,
+        "tracking_uri": cfg.tracking_uri, "tracking_project": cfg.tracking_project,
     }))
+
+
+def train_fdp_runs(cfg: QuickstartConfig, runs: list[tuple[Path, list[dict], str]]) -> None:
+    """The FDP runs, all at once (`fdp_parallel`: one Ray Train start-up's wait instead of three, and the cores
+    kept busy while a run starts, checkpoints or exports) or one after another."""
+    if not cfg.fdp_parallel:
+        for out, data, weighting in runs:
+            _train(cfg, out, "fdp", data, cfg.fdp_steps, weighting)
+        return
+    with ThreadPoolExecutor(len(runs), thread_name_prefix="dynboot-fdp") as pool:
+        futures = [pool.submit(_train, cfg, out, "fdp", data, cfg.fdp_steps, weighting, len(runs))
+                   for out, data, weighting in runs]
+        for f in futures:
+            f.result()  # the first failure is raised (the others finish: a rerun resumes them)
 
 
 def _with_earlier_times(root: Path, times: dict[str, float], done_before: list[str]) -> dict[str, float]:
@@ -103,8 +139,6 @@ def _with_earlier_times(root: Path, times: dict[str, float], done_before: list[s
 
 
 def run(cfg: QuickstartConfig) -> dict:
-    import ray
-
     from dynboot.world.generate import WorldConfig, generate_world
 
     t_all = time.time()
@@ -121,8 +155,7 @@ def run(cfg: QuickstartConfig) -> dict:
         generate_world(WorldConfig(out=str(world), gold=cfg.gold, videos=cfg.videos, test=cfg.test, seed=cfg.seed))
     times["world"] = time.time() - t
 
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
-    try:
+    with ray_session(num_cpus=cfg.num_cpus):  # one Ray session for every stage (joined under `ray job submit`)
         gold_src = {"path": str(world / "gold"), "weight": float(cfg.gold)}  # weights are per-source shares
         t = _stage(f"2/6 train IDP on {cfg.gold} gold pairs ({cfg.idp_steps} steps)", t_all)
         _train(cfg, idp, "idp", [gold_src], cfg.idp_steps)  # (weighting touches FDP targets only)
@@ -141,6 +174,9 @@ def run(cfg: QuickstartConfig) -> dict:
         times["relabel"] = time.time() - t
 
         kept = json.loads((filt / "summary.json").read_text())["pairs_kept"]
+        written = json.loads((relabel / "summary.json").read_text())
+        say(f"  relabel: {written['pairs_total']} pseudo-labelled pairs from {written['videos_total']} videos "
+            f"({written['quarantine_total']} quarantined); the filter kept {kept}  [{duration(times['relabel'])}]")
         if kept == 0:
             raise SystemExit(f"the filter kept no pseudo pairs (min_score={cfg.min_score}): the IDP is too weak for "
                              f"the threshold; train it longer (idp_steps=) or lower min_score=, then rerun (finished "
@@ -149,17 +185,13 @@ def run(cfg: QuickstartConfig) -> dict:
         other = ablation_weighting(cfg)
         t = _stage(f"4/6 train FDP ({cfg.weighting}): gold only, gold + pseudo"
                    f"{f'; gold + pseudo with {other}' if cfg.ablation else ''}", t_all)
-        _train(cfg, fdp["gold"], "fdp", [gold_src], cfg.fdp_steps, cfg.weighting)
-        _train(cfg, fdp["boot"], "fdp", [gold_src, pseudo_src], cfg.fdp_steps, cfg.weighting)
-        if cfg.ablation:
-            _train(cfg, fdp["ablation"], "fdp", [gold_src, pseudo_src], cfg.fdp_steps, other)
+        runs = [(fdp["gold"], [gold_src], cfg.weighting), (fdp["boot"], [gold_src, pseudo_src], cfg.weighting)]
+        train_fdp_runs(cfg, runs + ([(fdp["ablation"], [gold_src, pseudo_src], other)] if cfg.ablation else []))
         times["fdp"] = time.time() - t
 
         t = _stage(f"5/6 evaluate: best-of-N (N={cfg.ns}) through the serve app, greedy metrics of every model", t_all)
         results = evaluate_stage(cfg, world, idp, relabel, fdp)
         times["eval"] = time.time() - t
-    finally:
-        ray.shutdown()
 
     t = _stage("6/6 report", t_all)
     times["total"] = time.time() - t_all
@@ -167,9 +199,12 @@ def run(cfg: QuickstartConfig) -> dict:
     summary = {"results": results, "seconds": {k: round(v, 1) for k, v in times.items()}}
     report, table = write_quickstart_report(root.root, cfg, results, summary["seconds"])
     root.write_summary(summary)
-    print("\n" + table + f"\n\nreport: {report}   (total {times['total'] / 60:.1f} min)", flush=True)
+    tracker = open_tracker(cfg.tracking, "quickstart", cfg.model_dump(mode="json"), cfg.tracking_uri, cfg.tracking_project)
+    tracker.finish(summary)
+    say("\n" + table + f"\n\nreport: {report}   (total {duration(times['total'])}; seconds per stage: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items() if k != "total") + ")")
     return summary
 
 
 if __name__ == "__main__":
-    raise SystemExit(job_main(QuickstartConfig, run, doc=__doc__))
+    raise SystemExit(job_main(QuickstartConfig, run, doc=__doc__, console=True))

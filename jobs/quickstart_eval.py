@@ -76,7 +76,7 @@ def served_best_of_n(cfg, world: Path, idp: Path, fdp: Path, test, spec) -> tupl
     before = parse(spec, np.stack([e.before for e in test]))
     target = parse(spec, np.stack([e.after for e in test]))
     types = [parse_action(spec, e.action).type for e in test]
-    metrics = best_of_n_world(cands, scores, before, target, types, cfg.ns)
+    metrics = best_of_n_world(cands, scores, before, target, types, cfg.ns) | {"served_at": url}
     grid = [{"before": e.before, "target": e.after, "candidates": cand_imgs[i], "chosen": int(np.argmax(scores[i])),
              "labels": [f"{s:.2f}" for s in scores[i]], "good": list((cands[i] == target[i]).all(-1)), "title": e.action}
             for i, e in enumerate(test[:6])]

@@ -32,7 +32,10 @@ Stages (resources beside each):
      (rank 0; under ZeRO-3 every rank, so that no rank builds a copy of the model).
   5. export (jobs/train_export.py): `out/adapter/` (LoRA), `out/model/` (loadable by `load_model`), written to a
      temporary directory, checked on the training device in the training dtype, then published.
-  6. driver: metrics.jsonl -> loss_curve.png, summary.json.
+  6. driver: while the workers train, follows metrics.jsonl (jobs/train_progress.py): a progress line every
+     `progress_every_s` (step/steps, loss, samples/s, ETA) and every row to the `tracking` tracker (MLflow / W&B,
+     dynboot.tracking); at the end loss_curve.png, summary.json. Run from the command line, the console shows only
+     these lines; Ray's, DeepSpeed's and the workers' output goes to `out/log.txt` (`--verbose`: both; dynboot.console).
 
 One job per run directory (dynboot.rundir: a lock a crash cannot leave stuck); a rerun whose config differs from
 the recorded one stops naming the fields (resume=force continues anyway, resume=off starts over).
@@ -41,7 +44,6 @@ the recorded one stops naming the fields (resume=force continues anyway, resume=
 from __future__ import annotations
 
 import io
-import sys
 import time
 import uuid
 from typing import Any, ClassVar, Literal
@@ -53,7 +55,9 @@ from dynboot.cli import job_main
 from dynboot.config import Config
 from dynboot.data_index import BenchmarkRefused, EmptySource, build_index, changes, load_index, record_index, resolve_kind
 from dynboot.mixture import Source, parse_sources
+from dynboot.console import duration, say
 from dynboot.rundir import ConfigChanged, ResumeMode, RunDir, RunDirBusy
+from dynboot.tracking import TrackingKind, open_tracker
 from dynboot.trainer import LoopConfig
 from dynboot.models.base import TinySize
 
@@ -75,7 +79,8 @@ class TrainConfig(LoopConfig):
 
     rerun_may_change: ClassVar[frozenset[str]] = frozenset({
         "cpus_per_worker", "threads", "ingest_cpus", "ingest_tasks", "max_failures", "checkpoint_every", "keep",
-        "eval_every", "eval_limit", "eval_generate", "fault_step", "fault_rank"})
+        "eval_every", "eval_limit", "eval_generate", "fault_step", "fault_rank", "progress_every_s", "tracking",
+        "tracking_uri", "tracking_project", "name"})
 
     backend: str = Field("", description="Backend name (dynboot.models.registry); empty = read from model_path's "
                          "dynboot.json ('tiny' from scratch).")
@@ -112,6 +117,14 @@ class TrainConfig(LoopConfig):
     checkpoint_every: int = Field(250, ge=0, description="Steps between checkpoints (0 = only at the end).")
     keep: int = Field(2, ge=1, description="Checkpoints kept.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint before the run fails.")
+    name: str = Field("", description="The run's name on the console and in the tracker (empty = the task).")
+    progress_every_s: float = Field(5.0, gt=0, description="Seconds between the console's progress lines (step/steps, "
+                                    "loss, samples/s, ETA), read by the driver from metrics.jsonl.")
+    tracking: TrackingKind = Field("none", description="Experiment tracker for the metrics, as HF Trainer's report_to: "
+                                   "none, mlflow (mlflow-skinny: the `tracking` extra) or wandb (credentials from the "
+                                   "environment, e.g. WANDB_API_KEY; never logged).")
+    tracking_uri: str = Field("", description="MLflow tracking URI (empty = MLFLOW_TRACKING_URI, else MLflow's default).")
+    tracking_project: str = Field("dynboot", description="MLflow experiment / W&B project of the run.")
     fault_step: int = Field(0, ge=0, description="Fault injection (tests): rank fault_rank exits hard once after this step (0 = off).")
     fault_rank: int = Field(1, ge=0, description="Rank that fault_step kills.")
 
@@ -224,12 +237,12 @@ def plot_loss(run: RunDir) -> str | None:
     rows = [r for r in run.metrics() if "loss" in r]
     if not rows:
         return None
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))  # not pyplot: its global state is not thread-safe (the quickstart's FDP runs)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train loss")
     ev = [r for r in rows if "eval_loss" in r]
     if ev:
@@ -242,7 +255,6 @@ def plot_loss(run: RunDir) -> str | None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, format="png")
-    plt.close(fig)
     return storage.write_bytes(run.uri("loss_curve.png"), buf.getvalue())
 
 
@@ -256,6 +268,7 @@ def run(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs.train_progress import follow
     from jobs.train_worker import train_loop
 
     t0 = time.time()
@@ -266,14 +279,21 @@ def run(cfg: TrainConfig) -> dict:
     with RunDir(cfg.out).open(cfg, resume=cfg.resume, set_aside=SET_ASIDE) as rd:
         index, notes = data_index(cfg, rd, recorded, fresh)
         for note in notes:
-            print(f"train: {note}", file=sys.stderr)
+            say(f"train: {note}")
         meta = rd.read_json("run.json") or {"run_id": uuid.uuid4().hex, "started": time.time()}
         rd.write_json("run.json", meta)
         storage_path, storage_fs = storage.ray_storage(cfg.out)
 
+        name = cfg.name or cfg.task
+        try:
+            tracker = open_tracker(cfg.tracking, name, cfg.model_dump(mode="json"), cfg.tracking_uri, cfg.tracking_project)
+        except ValueError as err:  # the tracker's package is not installed
+            raise InputError(str(err)) from None
+        follower = follow(rd, name, cfg.steps, tracker, cfg.progress_every_s)
         started = not ray.is_initialized()
         if started:
             ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`, else starts a local one
+        fitted = False
         try:
             resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
             trainer = TorchTrainer(
@@ -287,12 +307,19 @@ def run(cfg: TrainConfig) -> dict:
                                      failure_config=FailureConfig(max_failures=cfg.max_failures)),
             )
             result = trainer.fit()
+            fitted = True
         finally:
+            follower.stop()
             if started:
                 ray.shutdown()
+            if not fitted:
+                tracker.finish({}, ok=False)
         summary = summarise(cfg, rd, index, notes, result, time.time() - t0)
-    print(f"train {cfg.task}: {summary['steps']} steps, loss {summary['final_loss']}, eval {summary['eval']}, "
-          f"{summary['malformed_rows']} malformed rows skipped; model -> {summary['export'].get('model')}")
+        tracker.finish(summary)
+    evals = "  ".join(f"{k} {v}" for k, v in summary["eval"].items())
+    skipped = f"  ({summary['malformed_rows']} malformed rows skipped)" if summary["malformed_rows"] else ""
+    say(f"  {name:<12} done: {summary['steps']} steps in {duration(summary['seconds'])}, loss {summary['final_loss']}"
+        f"{'  ' + evals if evals else ''}{skipped}  -> {summary['export'].get('model')}")
     return summary
 
 
@@ -329,9 +356,9 @@ def main(cfg: TrainConfig) -> None:
     try:
         run(cfg)
     except (InputError, ConfigChanged, RunDirBusy) as err:
-        print(f"error: {err}", file=sys.stderr)
+        say(f"error: {err}", error=True)
         raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
-    raise SystemExit(job_main(TrainConfig, main, doc=__doc__))
+    raise SystemExit(job_main(TrainConfig, main, doc=__doc__, console=True))

@@ -19,7 +19,6 @@ within minutes; delays come from the tier settings below.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import time
@@ -222,10 +221,6 @@ def run(cfg: LoadConfig) -> dict:
     for var in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
         os.environ.setdefault(var, "2")
     cfg = ensure_checkpoints(cfg)
-    if not cfg.port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            cfg = cfg.model_copy(update={"port": s.getsockname()[1]})
     pairs = world_requests(64)
     url = start(cfg)
     print(f"load: app at {url}")

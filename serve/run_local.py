@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -31,7 +32,8 @@ class ServeConfig(AppArgs):
     """Everything `build_app` takes (checkpoints, limits, auth, tiers) plus where to listen and which Ray to use."""
 
     host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 to listen on every interface).")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy (0 = a free port on `host`, "
+                      "chosen at start; `start` returns the URL with it).")
     app_name: str = Field("dynboot", description="Serve application name.")
     route_prefix: str = Field("/", description="URL prefix of the app.")
     ray_address: str = Field("", description="Ray cluster to join ('auto' or host:port); empty starts a local one.")
@@ -47,8 +49,16 @@ class ServeConfig(AppArgs):
         check_exposure(self.host, bool(os.environ.get(self.api_token_env, "").strip()), self)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now. The OS picks it (bind to port 0); the Serve proxy binds it a moment later, a
+    window in which another process could take it: Serve's proxy does not report the port it bound when given 0."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def start(cfg: ServeConfig) -> str:
-    """Start Ray (unless joined) + Serve, deploy the app, return its URL once every tier is up."""
+    """Start Ray (unless joined) + Serve, deploy the app, return its URL (port 0: a free one, see `free_port`)."""
     import ray
     from ray import serve
 
@@ -61,10 +71,11 @@ def start(cfg: ServeConfig) -> str:
             ray.init(address=cfg.ray_address)
         else:
             ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.proxy_timeout_s()})
+    port = cfg.port or free_port(cfg.host)
+    serve.start(http_options={"host": cfg.host, "port": port, "request_timeout_s": cfg.proxy_timeout_s()})
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    return f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
 
 
 def stop(cfg: ServeConfig) -> None:

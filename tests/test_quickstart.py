@@ -7,13 +7,38 @@ import pytest
 
 
 @pytest.mark.slow
-def test_quickstart_small(tmp_path):
+def test_quickstart_small(tmp_path, capfd):
+    """Run as `dynboot quickstart` runs it (job_main with its console), with the port the serve app used to take held
+    by someone else: the run serves on a free port, and the console shows stages, progress and the table only."""
+    import socket
+
+    from dynboot.cli import job_main
     from jobs.quickstart import QuickstartConfig, run
+    from jobs.train_progress import PROGRESS_LINE
 
     out = tmp_path / "qs"
-    cfg = QuickstartConfig(out=str(out), gold=120, videos=8, test=24, idp_steps=20, fdp_steps=12, batch_size=8,
-                           ns=[1, 2], port=8123, num_cpus=4, min_score=-1e9)  # an IDP this small is never sure
-    summary = run(cfg)
+    args = dict(out=str(out), gold=120, videos=8, test=24, idp_steps=20, fdp_steps=12, batch_size=8, ns="[1,2]",
+                num_cpus=4, min_score=-1e9, progress_every_s=0.5)  # an IDP this small is never sure
+    with socket.socket() as taken:
+        try:  # 8000, the old fixed port, in use (when something else holds it already, so much the better)
+            taken.bind(("127.0.0.1", 8000))
+            taken.listen()
+        except OSError:
+            pass
+        assert job_main(QuickstartConfig, run, [f"{k}={v}" for k, v in args.items()], console=True) == 0
+    console = [line for line in capfd.readouterr().out.splitlines() if line.strip()]
+    cfg = QuickstartConfig(**{**args, "ns": [1, 2]})
+    summary = json.loads((out / "summary.json").read_text())
+    for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
+        assert sum(line.startswith("[") and f"] {stage} " in line for line in console) == 1, (stage, console)
+    progress = {m["name"] for m in map(PROGRESS_LINE.match, console) if m}
+    assert progress >= {"idp"} and progress & {"fdp_gold", "fdp_boot", "fdp_ablation"}, console
+    assert any(line.startswith("report: ") for line in console)
+    assert not [line for line in console if "pid=" in line or "WARNING" in line or "DeepSpeed" in line]
+    log = (out / "log.txt").read_text()
+    assert "RayTrainWorker" in log and "report: " in log
+    served = json.loads((out / "eval" / "metrics.json").read_text())["best_of_n"]["served_at"]
+    assert served.startswith("http://127.0.0.1:") and not served.endswith(":8000")
     for stage in ("world", "idp", "relabel", "filter", "fdp_gold", "fdp_boot", "fdp_ablation"):
         assert (out / stage / "summary.json").is_file(), stage
     import yaml
@@ -29,7 +54,7 @@ def test_quickstart_small(tmp_path):
     assert (out / "eval" / "best_of_n_grid.png").stat().st_size > 0
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert set(metrics["best_of_n"]["by_n"]) == {"1", "2"} and metrics["test_pairs"] == 24
-    assert summary["seconds"]["total"] > 0
+    assert summary["seconds"]["total"] > 0 and set(summary["seconds"]) >= {"idp", "relabel", "fdp", "eval"}
 
 
 def test_paired_verdict_counts_only_the_pairs_where_the_models_differ():
