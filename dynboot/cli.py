@@ -26,7 +26,7 @@ from typing import Callable, TypeVar
 from pathlib import Path
 
 from dynboot.config import Config, ConfigError, load_config
-from dynboot.console import captured, say
+from dynboot.io.console import captured, say
 
 C = TypeVar("C", bound=Config)
 
@@ -61,14 +61,14 @@ def normalise_args(argv: list[str]) -> list[str]:
     return out
 
 
-LOG_NAME = "log.txt"  # in a job's run directory: everything printed during the run (dynboot.console)
+LOG_NAME = "log.txt"  # in a job's run directory: everything printed during the run (dynboot.io.console)
 CONSOLE_FLAGS = ("--verbose", "-v")
 
 
 def job_main(cls: type[C], run: Callable[[C], object], argv: list[str] | None = None, doc: str | None = None,
              console: bool = False) -> int:
     """Entry point shared by every command: parse config, print help or errors, run. With `console`, the run's
-    own output goes to `<cfg.out>/log.txt` and the terminal shows only `dynboot.console.say` lines, unless
+    own output goes to `<cfg.out>/log.txt` and the terminal shows only `dynboot.io.console.say` lines, unless
     `--verbose` (a flag, not a config field: it does not change what a rerun resumes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = any(a in CONSOLE_FLAGS for a in argv)
@@ -87,7 +87,7 @@ def job_main(cls: type[C], run: Callable[[C], object], argv: list[str] | None = 
         return 0
     out = getattr(cfg, "out", "")
     if console and out:
-        from dynboot import storage
+        from dynboot.io import storage
 
         console = not storage.is_uri(out)  # the log is a local file: a run on object storage prints as before
     if not console:

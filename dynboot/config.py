@@ -31,7 +31,7 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
     # Operational fields a rerun may change without starting a different run (cluster address, actor counts,
-    # progress interval...); any other difference from the recorded config.yaml stops a rerun (dynboot.rundir).
+    # progress interval...); any other difference from the recorded config.yaml stops a rerun (dynboot.io.rundir).
     rerun_may_change: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
@@ -127,7 +127,7 @@ def load_config(cls: type[C], args: list[str] | None = None) -> C:
 
 def save_config(cfg: Config, run_dir: str | Path) -> str:
     """Write the resolved config as `config.yaml` in the run directory (a local path or a URI)."""
-    from dynboot import storage
+    from dynboot.io import storage
 
     path = storage.join(str(run_dir), "config.yaml")
     storage.write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from dynboot.config import Config
-from dynboot.rundir import write_json
+from dynboot.io.rundir import write_json
 
 
 class BenchConfig(Config):
@@ -68,7 +68,7 @@ def make_clip(path: Path, height: int, seconds: float, fps: int, crf: int) -> Pa
     import cv2
     import numpy as np
 
-    from dynboot.video import open_video, write_video
+    from dynboot.data.video import open_video, write_video
 
     if path.is_file():
         return path
@@ -84,8 +84,8 @@ def make_clip(path: Path, height: int, seconds: float, fps: int, crf: int) -> Pa
 _CHILD = r"""
 import json, sys, time
 import numpy as np, cv2, decord, av
-from dynboot.images import ImagePolicy
-from dynboot.keyframes import KeyframeConfig, video_keyframes
+from dynboot.io.images import ImagePolicy
+from dynboot.data.keyframes import KeyframeConfig, video_keyframes
 args = json.loads(sys.argv[1])
 def status_mb(key):  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's peak across exec)
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))

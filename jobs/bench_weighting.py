@@ -7,7 +7,7 @@ Needs a finished quickstart run directory (`run=`: its world/ and filter/shards,
 quickstart's FDPs train on). Each variant trains the quickstart's FDP (tiny `size`, `steps` steps, batch
 `batch_size`, the same gold + pseudo mixture and gold-only augmentation) from scratch for every seed (the
 seed sets the initialisation and the batches), scores greedy predictions on the test split, and is compared
-with plain CE of the same seed by the quickstart's paired test (dynboot.stats). `gold_variants` also train on
+with plain CE of the same seed by the quickstart's paired test (dynboot.eval.stats). `gold_variants` also train on
 gold only, for the bootstrapping row (gold + pseudo vs gold, same weighting). A variant is a strategy name with
 optional LoopConfig overrides: `predicted_change:weight_alpha=8`, `relative_annealed:weight_anneal=0.3`.
 
@@ -27,16 +27,16 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config
-from dynboot.mixture import Source, gold_only, load_mixture
+from dynboot.data.mixture import Source, gold_only, load_mixture
 from dynboot.models.tiny import TinyWorldModel
-from dynboot.pairs import load_examples
-from dynboot.report import md_table
-from dynboot.rundir import write_json
-from dynboot.stats import paired_comparison, verdict
-from dynboot.trainer import LoopConfig, TrainLoop
+from dynboot.data.pairs import load_examples
+from dynboot.eval.report import md_table
+from dynboot.io.rundir import write_json
+from dynboot.eval.stats import paired_comparison, verdict
+from dynboot.training.trainer import LoopConfig, TrainLoop
 from dynboot.world.augment import world_augmenter
 from dynboot.world.generate import load_spec
-from dynboot.world_eval import fdp_eval
+from dynboot.eval.world_eval import fdp_eval
 from dynboot.models.base import TinySize
 
 BASELINE = "none"

@@ -1,4 +1,4 @@
-"""Gold pairs from a clip dataset labelled by first / last frame (dynboot.clip_pairs), as `dynboot train` reads them.
+"""Gold pairs from a clip dataset labelled by first / last frame (dynboot.data.clip_pairs), as `dynboot train` reads them.
 
     python -m jobs.clip_pairs manifest=/data/epic/EPIC_100_train.csv videos=/data/epic/videos extension=.MP4 \\
         columns.video=video_id columns.start=start_timestamp columns.end=stop_timestamp columns.label=narration \\
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from dynboot.cli import job_main
-from dynboot.clip_pairs import ClipColumns, TimeUnit, write_clip_pairs
+from dynboot.data.clip_pairs import ClipColumns, TimeUnit, write_clip_pairs
 from dynboot.config import Config
 
 

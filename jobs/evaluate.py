@@ -10,8 +10,8 @@ Stages:
   1. load: records + images (PNG bytes); a missing or unreadable image is quarantined, not fatal
   2. predict (Ray Data, actor pool holding the models): max(n) FDP samples per item, seeded per item so
      results do not depend on batching or actors; verifier scores; a greedy sample; IDP captions
-  3. judge (Aurora only): the candidates any N chooses, and the greedy edit, through `dynboot.judge`
-  4. metrics: best-of-N over disjoint groups of the same samples (`dynboot.metrics`), oracle, greedy;
+  3. judge (Aurora only): the candidates any N chooses, and the greedy edit, through `dynboot.eval.judge`
+  4. metrics: best-of-N over disjoint groups of the same samples (`dynboot.eval.metrics`), oracle, greedy;
      IDP exact / structured / BLEU / ROUGE-L; pseudo-label accuracy of a relabel output when asked
   5. write: predictions.parquet, metrics.json, summary.json, report.md, grid.png, score_vs_n.png
 """
@@ -28,12 +28,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from dynboot.aurora import read_aurora
-from dynboot.images import decode_image, encode_png
+from dynboot.data.aurora import read_aurora
+from dynboot.io.images import decode_image, encode_png
 from dynboot.cli import job_main
 from dynboot.config import Config
-from dynboot.rundir import ResumeMode, RunDir, append_jsonl, atomic_write_bytes, write_json
-from dynboot.verify import Verifier
+from dynboot.io.rundir import ResumeMode, RunDir, append_jsonl, atomic_write_bytes, write_json
+from dynboot.method.verify import Verifier
 
 AURORA_SUBSETS = ["magicbrush", "ag", "something", "whatsup", "kubric"]  # the 5 with targets (paper §5.1)
 
@@ -58,7 +58,7 @@ class EvalConfig(Config):
     seed: int = Field(0, description="Sampling seed; item i samples with seed + i.")
     greedy: bool = Field(True, description="Also evaluate one greedy (temperature 0) FDP sample per item.")
     verifier: Verifier = Field(default_factory=Verifier, description="How best-of-N ranks candidates "
-                               "(dynboot.verify): score=idp (the paper), fdp, idp+fdp (also sees over-editing), idp+edit.")
+                               "(dynboot.method.verify): score=idp (the paper), fdp, idp+fdp (also sees over-editing), idp+edit.")
     batch_size: int = Field(8, ge=1, description="Items per predictor call.")
     limit: int = Field(0, ge=0, description="Evaluate only the first `limit` items (0 = all).")
     subsets: list[str] = Field(AURORA_SUBSETS, description="Aurora tasks to evaluate (empty = all).")
@@ -135,7 +135,7 @@ def load_items(cfg: EvalConfig, mode: str, json_path: Path, run: RunDir) -> list
 # ---- 2. predict --------------------------------------------------------------------------------------
 class Predictor:
     """Holds the FDP and IDP; one call = one batch of items (pyarrow in, pyarrow out), through the one
-    prediction core (`dynboot.predict`: seeded per item, the verifier reading codes or images as it decides)."""
+    prediction core (`dynboot.method.predict`: seeded per item, the verifier reading codes or images as it decides)."""
 
     def __init__(self, cfg: dict):
         import torch
@@ -150,7 +150,7 @@ class Predictor:
         self.idp = (self.fdp if c.idp_path == c.fdp_path else load(c.idp_path)) if c.idp_path else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from dynboot.predict import Item, predict
+        from dynboot.method.predict import Item, predict
 
         items, out = [], []
         for r in batch.to_pylist():
@@ -178,7 +178,7 @@ def _prediction_row(index: int, candidates=(), scores=(), greedy=b"", caption=""
 
 
 def settings(cfg: EvalConfig):
-    from dynboot.predict import PredictSettings
+    from dynboot.method.predict import PredictSettings
 
     ranks = bool(cfg.idp_path) or cfg.verifier.score == "fdp"
     return PredictSettings(n=max(cfg.n) if ranks else 1, temperature=cfg.temperature, top_k=cfg.top_k,
@@ -228,7 +228,7 @@ def predict(cfg: EvalConfig, items: list[dict], run: RunDir) -> list[dict]:
 
 
 def _read_parts(run: RunDir) -> dict[int, dict]:
-    from dynboot import storage
+    from dynboot.io import storage
 
     rows: dict[int, dict] = {}
     for part in storage.list_files(run.uri("predictions"), suffixes=(".parquet",)):
@@ -242,7 +242,7 @@ class _PartWriter:
     """Buffers prediction rows and publishes them as whole Parquet parts (a killed run loses one part at most)."""
 
     def __init__(self, run: RunDir, every: int):
-        from dynboot import storage
+        from dynboot.io import storage
 
         self.run, self.every, self.rows = run, every, []
         self.next = len(storage.list_files(run.uri("predictions"), suffixes=(".parquet",), hidden=True))
@@ -263,11 +263,11 @@ class _PartWriter:
 
 # ---- 3-4. judge and metrics ---------------------------------------------------------------------------
 def world_metrics(cfg: EvalConfig, json_path: Path, rows: list[dict], ns: list[int]) -> dict:
-    """World scores (`dynboot.world_eval.world_scores`, the one scoring path) of the prediction rows."""
-    from dynboot.predict import Item, Prediction
-    from dynboot.textmetrics import text_metrics
+    """World scores (`dynboot.eval.world_eval.world_scores`, the one scoring path) of the prediction rows."""
+    from dynboot.method.predict import Item, Prediction
+    from dynboot.eval.textmetrics import text_metrics
     from dynboot.world.generate import load_spec
-    from dynboot.world_eval import world_scores
+    from dynboot.eval.world_eval import world_scores
 
     spec = load_spec(json_path.parent)
     ok = [r for r in rows if not r.get("error") and (r.get("candidates") or r.get("greedy") or r.get("caption"))]
@@ -294,14 +294,14 @@ def world_metrics(cfg: EvalConfig, json_path: Path, rows: list[dict], ns: list[i
 def pseudo_labels(cfg: EvalConfig) -> dict:
     if not cfg.truth:
         return {"error": "relabel_dir= needs truth= (the world's videos_truth.jsonl)"}
-    from dynboot.pseudo_labels import pseudo_label_accuracy
+    from dynboot.data.pseudo_labels import pseudo_label_accuracy
 
     return pseudo_label_accuracy(cfg.relabel_dir, cfg.truth)
 
 
 def make_judge(cfg: EvalConfig, run_dir: RunDir):
     """The judge, made before any prediction so that a missing API key fails fast and costs nothing."""
-    from dynboot.judge import Judge, JudgeError
+    from dynboot.eval.judge import Judge, JudgeError
 
     try:
         return Judge(cfg.judge_model, base_url=cfg.judge_base_url or None, api_key_env=cfg.judge_api_key_env,
@@ -312,8 +312,8 @@ def make_judge(cfg: EvalConfig, run_dir: RunDir):
 
 
 def aurora_metrics(cfg: EvalConfig, rows: list[dict], ns: list[int], judge) -> dict:
-    from dynboot.metrics import best_of_n_judged, group_choices, mean_by
-    from dynboot.textmetrics import text_metrics
+    from dynboot.eval.metrics import best_of_n_judged, group_choices, mean_by
+    from dynboot.eval.textmetrics import text_metrics
 
     present = {r["task"] for r in rows}
     out: dict = {"subsets": [t for t in cfg.subsets if t in present] + sorted(present - set(cfg.subsets))}  # report order
@@ -358,7 +358,7 @@ def aurora_metrics(cfg: EvalConfig, rows: list[dict], ns: list[int], judge) -> d
 
 # ---- 5. write ----------------------------------------------------------------------------------------
 def write_predictions(rows: list[dict], ns: list[int], path: Path) -> None:
-    from dynboot.metrics import group_choices
+    from dynboot.eval.metrics import group_choices
 
     keep = ("index", "task", "instruction", "before", "target", "candidates", "scores", "greedy", "caption", "error",
             "correct", "judge_scores")
@@ -380,7 +380,7 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def _run(cfg: EvalConfig, run_dir: RunDir, t0: float) -> dict:
-    from dynboot.report import eval_report, headline
+    from dynboot.eval.report import eval_report, headline
 
     (run_dir.quarantine / "inputs.jsonl").unlink(missing_ok=True)  # this run's skips only
     mode, json_path = resolve_data(cfg)

@@ -17,7 +17,7 @@ Modes:
 In score-only and enable, malformed rows (no class, an empty caption, NaN score) never pass: training skips an
 empty caption as malformed, so it would only take a kept pair's place.
 
-It scales with the pair count, not the image bytes, and reads only committed input (dynboot.partitions):
+It scales with the pair count, not the image bytes, and reads only committed input (dynboot.io.partitions):
   1 scan    Ray tasks, one per input file: the id, action, score, dataset and label columns
   2 decide  driver: the selection, on those small columns (vectorised: 10^7 pairs are a few hundred MB)
   3 write   Ray tasks, one per input file: its kept rows to out/shards/, then the driver commits the output as
@@ -38,11 +38,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from dynboot import partitions, storage
+from dynboot.io import partitions, storage
 from dynboot.config import Config
-from dynboot.pairs import PAIR_SCHEMA, conform
-from dynboot.ray_session import ray_session
-from dynboot.rundir import ResumeMode, RunDir
+from dynboot.data.pairs import PAIR_SCHEMA, conform
+from dynboot.io.ray_session import ray_session
+from dynboot.io.rundir import ResumeMode, RunDir
 
 Mode = Literal["disable", "score-only", "enable"]
 _SCAN = ["id", "video_id", "action", "score", "dataset", "label"]

@@ -37,10 +37,10 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config, save_config
-from dynboot.models.base import Example
+from dynboot.data.example import Example
 from dynboot.models.registry import backend_class
-from dynboot.rundir import RunDir
-from dynboot.weights import recognition_weights
+from dynboot.io.rundir import RunDir
+from dynboot.method.weights import recognition_weights
 from dynboot.world import WorldSpec, apply_action, random_scene, render
 from dynboot.world.actions import random_action
 

@@ -32,12 +32,14 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config, save_config
-from dynboot.console import duration, say
-from dynboot.ray_session import ray_session
-from dynboot.rundir import RunDir
-from dynboot.tracking import TrackingKind, open_tracker
+from dynboot.io.console import duration, say
+from dynboot.io.ray_session import ray_session
+from dynboot.io.rundir import RunDir
+from dynboot.io.tracking import TrackingKind, open_tracker
 
 from jobs.quickstart_eval import ablation_weighting, evaluate_stage, write_quickstart_report
+
+__all__ = ["QuickstartConfig", "run", "train_fdp_runs"]
 
 
 class QuickstartConfig(Config):
@@ -58,7 +60,7 @@ class QuickstartConfig(Config):
                              "least this (-0.05 = the IDP gave its caption ~95% per token). On the world the wrong "
                              "captions score below -0.12 and the right ones above -0.005 (90% of each).")
     weighting: Literal["relative", "floor", "none"] = Field(
-        "none", description="FDP loss of the gold and gold + pseudo runs (dynboot/weights.py). Plain CE by default: "
+        "none", description="FDP loss of the gold and gold + pseudo runs (dynboot/method/weights.py). Plain CE by default: "
         "on the embedded world the tiny model has a copy feature, so it does not over-copy, and the recognition "
         "weights (which depend on the target) tilt it towards changing cells that should stay; the ablation row "
         "measures this every run. The paper's loss, for real images, is `relative`.")

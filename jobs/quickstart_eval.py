@@ -2,7 +2,7 @@
 
 Best-of-N goes through the real HTTP service: one `/v1/images/edits` request per test pair with
 best_of = max(N) candidates and return_candidates=true; the N curve then uses disjoint groups of those candidates
-(`dynboot.metrics.best_of_n_world`). Candidates are scored exactly by parsing their PNGs with the world's
+(`dynboot.eval.metrics.best_of_n_world`). Candidates are scored exactly by parsing their PNGs with the world's
 parser, so nothing here depends on the model family.
 """
 
@@ -16,18 +16,20 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from dynboot.images import decode_image, encode_png
-from dynboot.metrics import best_of_n_world
+from dynboot.io.images import decode_image, encode_png
+from dynboot.eval.metrics import best_of_n_world
 from dynboot.models.registry import load_model
-from dynboot.pairs import load_examples
-from dynboot.pseudo_labels import pseudo_label_accuracy
-from dynboot.report import candidates_grid, md_table, score_vs_n_plot, write_report
-from dynboot.rundir import write_json
-from dynboot.stats import verdict
+from dynboot.data.pairs import load_examples
+from dynboot.data.pseudo_labels import pseudo_label_accuracy
+from dynboot.eval.report import candidates_grid, md_table, score_vs_n_plot, write_report
+from dynboot.io.rundir import write_json
+from dynboot.eval.stats import verdict
 from dynboot.world.actions import parse_action
 from dynboot.world.generate import load_spec
 from dynboot.world.render import parse
-from dynboot.world_eval import fdp_eval, idp_eval
+from dynboot.eval.world_eval import fdp_eval, idp_eval
+
+__all__ = ["ablation_weighting", "evaluate_stage", "served_best_of_n", "write_quickstart_report"]
 
 
 def ablation_weighting(cfg) -> str:

@@ -13,7 +13,7 @@ Pipeline (one row = one video from stage 2 to stage 4, its pairs held in list co
   2 decode    CPU tasks       fetch (retried on transient I/O errors), decord (PyAV fallback), key frames, PNG
   3 label     actor pool      IDP caption + mean action log-prob, `batch_size` pairs per forward call
   4 commit    CPU tasks       partitions of about `rows_per_file` pairs: Parquet file + quarantine rows + commit
-                              record (dynboot/partitions.py); one small result row per video to the driver
+                              record (dynboot/io/partitions.py); one small result row per video to the driver
 The driver only counts result rows and compacts their commit records into index segments as they arrive.
 
 Run directory (`out`): config.yaml, shards/<part>.parquet (PAIR_SCHEMA, with `dataset` and `label`),
@@ -35,9 +35,9 @@ from collections import Counter
 from typing import Any
 
 
-from dynboot import partitions, storage
-from dynboot.ray_session import ray_session
-from dynboot.rundir import RunDir
+from dynboot.io import partitions, storage
+from dynboot.io.ray_session import ray_session
+from dynboot.io.rundir import RunDir
 from jobs.relabel_config import RelabelConfig
 from jobs.relabel_manifest import read_manifest, start_registry
 from jobs.relabel_stages import IDPLabeler, decode_stage, write_stage

@@ -7,8 +7,8 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from dynboot.config import Config
-from dynboot.keyframes import KeyframeConfig
-from dynboot.rundir import ResumeMode
+from dynboot.data.keyframes import KeyframeConfig
+from dynboot.io.rundir import ResumeMode
 
 
 class RelabelConfig(Config):

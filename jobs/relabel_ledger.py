@@ -8,7 +8,7 @@ unit comes back means a worker died on it:
 - a unit of several videos is then processed one video at a time, each with its own entry, so that the video
   that kills workers is found without charging the others;
 - a single video that has killed `max_attempts` workers is given up (`crashed`) without being touched again.
-The ledger lives beside the output (a local path or object storage, through dynboot.storage), so every node sees
+The ledger lives beside the output (a local path or object storage, through dynboot.io.storage), so every node sees
 it; it costs two small writes per unit, and a new run starts with an empty ledger (deaths count within a run).
 """
 
@@ -20,7 +20,7 @@ import os
 import socket
 from typing import Any, Callable
 
-from dynboot import storage
+from dynboot.io import storage
 
 Row = dict[str, Any]
 

@@ -1,9 +1,9 @@
 """Stage 1 of the relabel job: the manifest, streamed. Ray Data tasks read it (a JSONL / Parquet manifest, a list
-file, or a directory listing: dynboot/manifest.py turns each into MANIFEST_SCHEMA rows) and ask the registry actor
+file, or a directory listing: dynboot/data/manifest.py turns each into MANIFEST_SCHEMA rows) and ask the registry actor
 which rows are work: the driver never holds the list.
 
 The registry (one actor, no CPU, on the driver's node) is the run's bookkeeping. It reads the commit records once
-(`dynboot.partitions.recover`: segments + loose records + intents of partitions a killed run was writing), keeps
+(`dynboot.io.partitions.recover`: segments + loose records + intents of partitions a killed run was writing), keeps
 the done ids as a sorted array of 64-bit hashes (8 bytes a video: 80 MB at 10^7), and answers claims in batches:
 a row is `todo`, `done` (committed by an earlier run), `duplicate` (the same video listed again: dropped, counted)
 or `duplicate_id` (another video already has its id: the job records it with that reason). Its memory for this
@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from dynboot import partitions, storage
-from dynboot.manifest import (MANIFEST_SCHEMA, ManifestSource, list_tree, manifest_source, rows_from_lines,
+from dynboot.io import partitions, storage
+from dynboot.data.manifest import (MANIFEST_SCHEMA, ManifestSource, list_tree, manifest_source, rows_from_lines,
                               rows_from_listing, rows_from_records)
 
 LISTING_BATCH = 10_000  # paths per block out of a directory listing

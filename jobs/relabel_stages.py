@@ -8,7 +8,7 @@ what became of it; every stage catches its exceptions, so a bad video never fail
                no_keyframes, too_large, bad_manifest_row, duplicate_id, worker_crashed, label_failed)
   retry_later  an I/O or network error that outlived its retries (storage.is_transient): nothing is committed,
                so the next run takes the video again
-Stage 4 commits ok and quarantined videos in partitions (dynboot.partitions) and returns RESULT_SCHEMA rows.
+Stage 4 commits ok and quarantined videos in partitions (dynboot.io.partitions) and returns RESULT_SCHEMA rows.
 
 Worker deaths (a native crash, an out-of-memory kill, an IDP actor that exits after a CUDA error) bypass
 `except`, and Ray retries such tasks (actors restart) by itself. The attempt ledger (jobs/relabel_ledger.py)
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
-from dynboot import storage
-from dynboot.keyframes import video_keyframes
-from dynboot.pairs import make_row, to_table
-from dynboot.video import VideoFault
-from dynboot.partitions import commit_partition, partition_id
+from dynboot.io import storage
+from dynboot.data.keyframes import video_keyframes
+from dynboot.data.pairs import make_row, to_table
+from dynboot.data.video import VideoFault
+from dynboot.io.partitions import commit_partition, partition_id
 from jobs.relabel_ledger import Ledger
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ class IDPLabeler:
     def _label(self, videos: list[dict[str, Any]]) -> None:
         import numpy as np
 
-        from dynboot.images import decode_image
+        from dynboot.io.images import decode_image
 
         before = [b for v in videos for b in v["before"]]
         after = [a for v in videos for a in v["after"]]
@@ -195,7 +195,7 @@ class IDPLabeler:
             self._label(videos)
             return videos
         except Exception as err:
-            from dynboot.devices import is_device_fault  # torch: imported in the actor only, not the CPU stages
+            from dynboot.method.devices import is_device_fault  # torch: imported in the actor only, not the CPU stages
 
             if is_device_fault(err):
                 print(f"[relabel] IDP actor pid {os.getpid()}: {type(err).__name__}: {err}; exiting so that Ray "

@@ -6,9 +6,9 @@ fed back as the next "before", best-of-N per step; exact match at step 1..k for 
     python -m jobs.rollout ...            (the same program, for `ray job submit`)
 
 Stages:
-  1. episodes: `episodes` held-out episodes of `steps` actions (dynboot.rollout.world_cases), none of whose
+  1. episodes: `episodes` held-out episodes of `steps` actions (dynboot.eval.rollout.world_cases), none of whose
      transitions is a pair of the world directory (gold, test, videos), so the models never trained on them
-  2. roll out, once per N (dynboot.rollout.rollout: the one prediction core and verifier); each N's rows are written
+  2. roll out, once per N (dynboot.eval.rollout.rollout: the one prediction core and verifier); each N's rows are written
      to rollouts/n<N>.parquet as soon as it is done, so a rerun redoes only the N values missing
   3. score: exact and exact-so-far per step (the world's exact parser), the paired gap of the largest N over N=1
   4. write: summary.json (+ `results` when set), metrics.jsonl, report.md, strips/case<i>.png (truth and every N)
@@ -31,8 +31,8 @@ from pydantic import Field, field_validator
 
 from dynboot.cli import job_main
 from dynboot.config import Config
-from dynboot.rundir import ConfigChanged, ResumeMode, RunDir, RunDirBusy, append_jsonl, atomic_write_bytes, write_json
-from dynboot.verify import NEEDS_IDP, Verifier
+from dynboot.io.rundir import ConfigChanged, ResumeMode, RunDir, RunDirBusy, append_jsonl, atomic_write_bytes, write_json
+from dynboot.method.verify import NEEDS_IDP, Verifier
 
 ROWS = pa.schema([("index", pa.int64()), ("step", pa.int64()), ("action", pa.string()), ("png", pa.binary()),
                   ("chosen", pa.int64()), ("scores", pa.list_(pa.float64())), ("exact", pa.bool_()),
@@ -56,9 +56,9 @@ class RolloutConfig(Config):
                          "verification, every larger N keeps the verifier's best at each step.")
     temperature: float = Field(1.0, ge=0, description="FDP sampling temperature (the paper: 1).")
     top_k: int = Field(0, ge=0, description="FDP top-k (0 = off).")
-    seed: int = Field(0, description="Seed of the episodes and of the sampling (dynboot.rollout.step_seed).")
+    seed: int = Field(0, description="Seed of the episodes and of the sampling (dynboot.eval.rollout.step_seed).")
     verifier: Verifier = Field(default_factory=Verifier, description="How each step's candidates are ranked "
-                               "(dynboot.verify): idp (the paper), fdp, idp+fdp, idp+edit.")
+                               "(dynboot.method.verify): idp (the paper), fdp, idp+fdp, idp+edit.")
     threads: int = Field(1, ge=0, description="Torch intra-op threads (0 = torch default; tiny models: 1 is fastest).")
     device: str = Field("cpu", description="Torch device.")
     strips: int = Field(4, ge=0, description="Cases drawn as a PNG strip (truth and every N) under strips/.")
@@ -81,9 +81,9 @@ def _ns(cfg: RolloutConfig) -> list[int]:
 
 
 def _roll(cfg: RolloutConfig, models, spec, cases, n: int) -> pa.Table:
-    from dynboot.images import encode_png
-    from dynboot.predict import PredictSettings
-    from dynboot.rollout import rollout, rollout_world_scores
+    from dynboot.io.images import encode_png
+    from dynboot.method.predict import PredictSettings
+    from dynboot.eval.rollout import rollout, rollout_world_scores
 
     fdp, idp = models
     s = PredictSettings(n=n, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, verifier=cfg.verifier)
@@ -102,7 +102,7 @@ def _roll(cfg: RolloutConfig, models, spec, cases, n: int) -> pa.Table:
 
 def _scores(table: pa.Table, steps: int) -> dict:
     """exact / exact_so_far per step, the per-case 0/1 lists and the failed cases of one N's rows."""
-    from dynboot.rollout import exact_by_step
+    from dynboot.eval.rollout import exact_by_step
 
     rows = table.to_pylist()
     cases = sorted({r["index"] for r in rows})
@@ -118,7 +118,7 @@ def run(cfg: RolloutConfig) -> dict:
     import torch
 
     from dynboot.models.registry import load_model
-    from dynboot.rollout import training_transitions, world_cases
+    from dynboot.eval.rollout import training_transitions, world_cases
     from dynboot.world.generate import load_spec
 
     t0 = time.time()
@@ -155,8 +155,8 @@ def run(cfg: RolloutConfig) -> dict:
 
 
 def _write(cfg: RolloutConfig, rd: RunDir, spec, cases, tables: dict, seconds: dict, t0: float, t_cases: float) -> dict:
-    from dynboot.report import md_table, rollout_strip, write_report
-    from dynboot.stats import paired_comparison
+    from dynboot.eval.report import md_table, rollout_strip, write_report
+    from dynboot.eval.stats import paired_comparison
 
     by_n = {n: _scores(t, cfg.steps) for n, t in tables.items()}
     (rd.quarantine / "rollouts.jsonl").unlink(missing_ok=True)  # this run's failures only
@@ -182,7 +182,7 @@ def _write(cfg: RolloutConfig, rd: RunDir, spec, cases, tables: dict, seconds: d
             rd.log(best_of=n, step=t, **{("cases" if k == "n" else k): v for k, v in by_n[n]["by_step"][str(t)].items()})
     strips = []
     for c in cases[: cfg.strips]:
-        from dynboot.images import decode_image
+        from dynboot.io.images import decode_image
         from dynboot.world.render import render
 
         rows = {"truth": [render(spec, s) for s in c.truth]}

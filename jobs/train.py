@@ -7,37 +7,37 @@
     ray job submit --working-dir . -- python -m jobs.train jobs/configs/train_fdp.yaml \\
         num_workers=8 use_gpu=true model_path=s3://models/liquid-7b backend=liquid out=s3://runs/fdp
 
-Every path is a URI (local, s3://, gs://, file://: dynboot.storage): `data`, `eval_data`, `model_path` (fetched
+Every path is a URI (local, s3://, gs://, file://: dynboot.io.storage): `data`, `eval_data`, `model_path` (fetched
 once per node into a local cache) and `out` (Ray Train's storage: checkpoints go there; a cluster shares no disk).
 
 Stages (resources beside each):
   1. data index (driver, once per run): every source resolved into chunks of rows and recorded in `out/data/`
-     (dynboot.data_index: committed Parquet files and their footers; AURORA records with missing images counted;
+     (dynboot.data.data_index: committed Parquet files and their footers; AURORA records with missing images counted;
      a source with no usable pair is an error naming it, before any cluster work). A rerun reads the recorded index
      and reports files added / removed / changed since (their rows are not used / skipped).
   2. train (num_workers x {CPU: cpus_per_worker[, GPU: 1]}; fractional CPUs because Train workers that
      reserve every CPU starve Ray Data's read tasks: the 2-CPU deadlock in reference/ray_feasibility.md §3):
-     each rank streams its windows of the mixture plan (dynboot.mixture) through Ray Data read tasks
+     each rank streams its windows of the mixture plan (dynboot.data.mixture) through Ray Data read tasks
      ({CPU: ingest_cpus} each, `ingest_tasks` at a time) that read, shuffle in a bounded window, decode and apply
-     the model's image policy (dynboot.ingest); a rank holds a few decoded batches, never its shard. Every rank
+     the model's image policy (dynboot.data.ingest); a rank holds a few decoded batches, never its shard. Every rank
      runs exactly `steps` steps (no epoch edge, no short last batch to hang a collective). A step is the training
-     core's (dynboot.trainer) through a DeepSpeed engine: ZeRO stage 0 (plain data parallel) / 1 / 2 / 3, fp32 or
+     core's (dynboot.training.trainer) through a DeepSpeed engine: ZeRO stage 0 (plain data parallel) / 1 / 2 / 3, fp32 or
      bf16, optional gradient checkpointing; the model loads in its training dtype on its device.
   3. checkpoint every `checkpoint_every` steps and at the end, from every rank (its ZeRO shard, LoRA: trainable
      parameters only; its data position and RNG states; a manifest of digests) into `out/checkpoints/step_NNNNNN`;
      a crashed worker group restarts from the latest (`max_failures`), rerunning the same command continues the
      run, and a restart resumes the data at its recorded position (nothing replayed). A checkpoint is verified
-     against its manifests before DeepSpeed unpickles it (dynboot.checkpoint_manifest: the trust boundary).
+     against its manifests before DeepSpeed unpickles it (dynboot.io.checkpoint_manifest: the trust boundary).
   4. evaluate every `eval_every` steps: held-out loss, and for the embedded world IDP / FDP exact match
      (rank 0; under ZeRO-3 every rank, so that no rank builds a copy of the model).
   5. export (jobs/train_export.py): `out/adapter/` (LoRA), `out/model/` (loadable by `load_model`), written to a
      temporary directory, checked on the training device in the training dtype, then published.
   6. driver: while the workers train, follows metrics.jsonl (jobs/train_progress.py): a progress line every
      `progress_every_s` (step/steps, loss, samples/s, ETA) and every row to the `tracking` tracker (MLflow / W&B,
-     dynboot.tracking); at the end loss_curve.png, summary.json. Run from the command line, the console shows only
-     these lines; Ray's, DeepSpeed's and the workers' output goes to `out/log.txt` (`--verbose`: both; dynboot.console).
+     dynboot.io.tracking); at the end loss_curve.png, summary.json. Run from the command line, the console shows only
+     these lines; Ray's, DeepSpeed's and the workers' output goes to `out/log.txt` (`--verbose`: both; dynboot.io.console).
 
-One job per run directory (dynboot.rundir: a lock a crash cannot leave stuck); a rerun whose config differs from
+One job per run directory (dynboot.io.rundir: a lock a crash cannot leave stuck); a rerun whose config differs from
 the recorded one stops naming the fields (resume=force continues anyway, resume=off starts over).
 """
 
@@ -46,121 +46,18 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Any
 
-from pydantic import Field, field_validator, model_validator
 
-from dynboot import storage
+from dynboot.io import storage
 from dynboot.cli import job_main
-from dynboot.config import Config
-from dynboot.data_index import BenchmarkRefused, EmptySource, build_index, changes, load_index, record_index, resolve_kind
-from dynboot.mixture import Source, parse_sources
-from dynboot.console import duration, say
-from dynboot.rundir import ConfigChanged, ResumeMode, RunDir, RunDirBusy
-from dynboot.tracking import TrackingKind, open_tracker
-from dynboot.trainer import LoopConfig
-from dynboot.models.base import TinySize
+from dynboot.data.data_index import BenchmarkRefused, EmptySource, build_index, changes, load_index, record_index, resolve_kind
+from dynboot.data.mixture import Source
+from dynboot.io.console import duration, say
+from dynboot.io.rundir import ConfigChanged, RunDir, RunDirBusy
+from dynboot.io.tracking import open_tracker
+from jobs.train_config import TrainConfig
 
-
-
-class LoraSettings(Config):
-    """PEFT LoRA on the backend's language-model projections (paper: r=16, alpha=32, dropout 0.05)."""
-
-    enabled: bool | Literal["auto"] = Field("auto", description="auto: LoRA when fine-tuning a checkpoint "
-                                            "(model_path set), full training when the tiny model starts from scratch.")
-    rank: int = Field(16, ge=1, description="LoRA rank r.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] = Field([], description="Modules to wrap; empty = model.lora_target_modules().")
-
-
-class TrainConfig(LoopConfig):
-    """dynboot train: IDP or FDP on a gold + pseudo mixture with Ray Train + DeepSpeed (LoRA or full)."""
-
-    rerun_may_change: ClassVar[frozenset[str]] = frozenset({
-        "cpus_per_worker", "threads", "ingest_cpus", "ingest_tasks", "max_failures", "checkpoint_every", "keep",
-        "eval_every", "eval_limit", "eval_generate", "fault_step", "fault_rank", "progress_every_s", "tracking",
-        "tracking_uri", "tracking_project", "name"})
-
-    backend: str = Field("", description="Backend name (dynboot.models.registry); empty = read from model_path's "
-                         "dynboot.json ('tiny' from scratch).")
-    model_path: str = Field("", description="Checkpoint dir or URI to fine-tune; empty or 'scratch' = the tiny world "
-                            "model from scratch.")
-    size: TinySize = Field("xs", description="Tiny model size when starting from scratch.")
-    data: list[Source] = Field([Source(path="runs/world/gold")],
-                               description="Mixture: a path, or a list of paths / {path, weight, max_items, tag, format} "
-                               "(dynboot.mixture).")
-    eval_data: str = Field("runs/world/test", description="Held-out pairs (AURORA json/dir, test.json included, or "
-                           "Parquet); empty = no evaluation.")
-    eval_limit: int = Field(128, ge=1, description="Held-out pairs used per evaluation.")
-    eval_generate: bool = Field(True, description="World data: also greedy IDP captions / FDP samples -> exact match.")
-    out: str = Field("runs/train", description="Run directory (a path or URI; also Ray Train's storage).")
-    resume: ResumeMode = Field("auto", description="auto: continue the run in `out` if its config matches; force: "
-                               "continue even if it differs; off: set the old run aside and start over.")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
-    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (fractional: leaves room for Ray Data).")
-    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false = CPU over gloo.")
-    threads: int = Field(1, ge=1, description="torch intra-op threads per worker.")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage; 0 = plain data parallel (DDP semantics).")
-    zero3_persist_below: int = Field(0, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every "
-                                     "rank (DeepSpeed stage3_param_persistence_threshold; its default 100000 suits 7B models).")
-    bf16: bool | Literal["auto"] = Field("auto", description="bf16 mixed precision; auto = on GPUs that support it, off on CPU.")
-    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="Activation checkpointing: recompute "
-                                                           "activations in the backward pass; auto = on for 7B-size models.")
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
-    export_merged: bool = Field(False, description="LoRA runs: out/model holds the base with the adapter merged (in the "
-                                "training dtype) instead of the adapter naming its base.")
-    shuffle_window: int = Field(256, ge=1, description="Rows per window of the mixture plan: the shuffle buffer, and "
-                                "what one read task holds (dynboot.mixture).")
-    ingest_cpus: float = Field(0.5, gt=0, description="CPUs per Ray Data read task (read + decode + image policy).")
-    ingest_tasks: int = Field(2, ge=1, description="Read tasks in flight per rank (bounds what the ingest holds).")
-    checkpoint_every: int = Field(250, ge=0, description="Steps between checkpoints (0 = only at the end).")
-    keep: int = Field(2, ge=1, description="Checkpoints kept.")
-    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint before the run fails.")
-    name: str = Field("", description="The run's name on the console and in the tracker (empty = the task).")
-    progress_every_s: float = Field(5.0, gt=0, description="Seconds between the console's progress lines (step/steps, "
-                                    "loss, samples/s, ETA), read by the driver from metrics.jsonl.")
-    tracking: TrackingKind = Field("none", description="Experiment tracker for the metrics, as HF Trainer's report_to: "
-                                   "none, mlflow (mlflow-skinny: the `tracking` extra) or wandb (credentials from the "
-                                   "environment, e.g. WANDB_API_KEY; never logged).")
-    tracking_uri: str = Field("", description="MLflow tracking URI (empty = MLFLOW_TRACKING_URI, else MLflow's default).")
-    tracking_project: str = Field("dynboot", description="MLflow experiment / W&B project of the run.")
-    fault_step: int = Field(0, ge=0, description="Fault injection (tests): rank fault_rank exits hard once after this step (0 = off).")
-    fault_rank: int = Field(1, ge=0, description="Rank that fault_step kills.")
-
-    @field_validator("data", mode="before")
-    @classmethod
-    def _sources(cls, v: Any) -> list[Any]:
-        return parse_sources(v)
-
-    @field_validator("resume", mode="before")
-    @classmethod
-    def _resume(cls, v: Any) -> Any:
-        """YAML reads `off` as false (and old configs say true/false): booleans mean auto / off."""
-        return {True: "auto", False: "off"}.get(v, v) if isinstance(v, bool) else v
-
-    @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if self.task == "idp" and any(s.tag for s in self.data):
-            raise ValueError("data tags go into the FDP prompt; for task=idp the action is the target: leave tag empty")
-        return self
-
-    @property
-    def from_scratch(self) -> bool:
-        return self.model_path in ("", "scratch")
-
-    @property
-    def use_lora(self) -> bool:
-        return (not self.from_scratch) if self.lora.enabled == "auto" else bool(self.lora.enabled)
-
-    def resolved(self) -> "TrainConfig":
-        """Local paths made absolute (Ray workers do not run in the driver's working directory); URIs as they are."""
-        def absolute(p: str) -> str:
-            return p if p == "scratch" else storage.absolute(p)
-
-        data = [s.model_copy(update={"path": absolute(s.path)}) for s in self.data]
-        return self.model_copy(update={"out": absolute(self.out), "model_path": absolute(self.model_path),
-                                       "eval_data": absolute(self.eval_data), "data": data})
 
 
 def unknown_tags(cfg: TrainConfig) -> list[str]:

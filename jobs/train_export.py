@@ -10,7 +10,7 @@ the trainable parameters are gathered); a merged export merges the LoRA layers i
 (training is over) and saves it, its parameters gathered layer group by layer group under ZeRO-3 (`GatheredParameters`
 over the module, every rank taking part). The export is written to a temporary directory, checked, then published:
 locally renamed into place (a reader never sees a half-written `model/`), on object storage uploaded from the local
-copy (`dynboot.storage.copy_dir`). The check reloads `model/` with `load_model` on the training device in the
+copy (`dynboot.io.storage.copy_dir`). The check reloads `model/` with `load_model` on the training device in the
 training dtype and compares its loss on a probe batch with the trained engine's (summary.json: export.check).
 """
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from dynboot import storage
+from dynboot.io import storage
 from dynboot.models.base import UnifiedModel
-from dynboot.trainer import make_batch
+from dynboot.training.trainer import make_batch
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # |loss(export) - loss(engine)| / max(1, loss)
 
@@ -96,7 +96,7 @@ def export_model(cfg, model: UnifiedModel, engine, probe_examples: list, rank: i
             with _gathered(trainable, stage3):
                 if rank == 0:
                     if cfg.from_scratch:  # the adapter needs its base: the seeded initialisation, saved once
-                        from jobs.train_worker import build_model
+                        from jobs.train_model import build_model
 
                         build_model(cfg, False).save(tmp / "base")
                         base = storage.join(cfg.out, "base")

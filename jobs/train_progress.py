@@ -1,8 +1,8 @@
 """The train job's driver-side view of its run: a progress line every few seconds, and the metrics to a tracker.
 
-Rank 0 appends one row per step to `<out>/metrics.jsonl` (dynboot.rundir); the driver, blocked in
+Rank 0 appends one row per step to `<out>/metrics.jsonl` (dynboot.io.rundir); the driver, blocked in
 `TorchTrainer.fit()`, follows that file from a thread. So the console needs nothing from the workers (their output
-goes to the run's log: dynboot.console) and the tracker package is imported in the driver only.
+goes to the run's log: dynboot.io.console) and the tracker package is imported in the driver only.
 
     idp          step   120/900  loss 0.4123  53.0 samples/s  ETA 4m10s
     fdp_boot     step   225/450  loss 0.2011  52.1 samples/s  ETA 3m05s
@@ -14,9 +14,9 @@ import re
 import threading
 from typing import Any
 
-from dynboot.console import duration, say
-from dynboot.rundir import RunDir
-from dynboot.tracking import Tracker, numeric
+from dynboot.io.console import duration, say
+from dynboot.io.rundir import RunDir
+from dynboot.io.tracking import Tracker, numeric
 
 # what a progress line looks like (tests parse it with this)
 PROGRESS_LINE = re.compile(r"^\s*(?P<name>\S+)\s+step\s+(?P<step>\d+)/(?P<steps>\d+)\s+loss (?P<loss>[\d.]+)\s+"

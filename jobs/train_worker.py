@@ -1,9 +1,9 @@
 """One Ray Train worker of `dynboot train` (see jobs/train.py for the stages and the design).
 
 Per rank: build the model (in its training dtype, on its device; gradient checkpointing; PEFT LoRA) -> DeepSpeed
-engine around the core's optimizer -> restore the latest checkpoint (verified first: dynboot.checkpoint_manifest)
--> the rank's stream of the mixture from its recorded position (dynboot.ingest) -> `steps` steps of the training
-core (dynboot.trainer), rank 0 logging -> checkpoints from every rank -> evaluation -> export (jobs/train_export.py).
+engine around the core's optimizer -> restore the latest checkpoint (verified first: dynboot.io.checkpoint_manifest)
+-> the rank's stream of the mixture from its recorded position (dynboot.data.ingest) -> `steps` steps of the training
+core (dynboot.training.trainer), rank 0 logging -> checkpoints from every rank -> evaluation -> export (jobs/train_export.py).
 """
 
 from __future__ import annotations
@@ -20,71 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynboot import storage
-from dynboot.checkpoint_manifest import verify_checkpoint, write_manifest
-from dynboot.data_index import build_index, load_index
-from dynboot.ingest import RankStream, read_examples
-from dynboot.mixture import Source, gold_only
+from dynboot.io import storage
+from dynboot.io.checkpoint_manifest import verify_checkpoint, write_manifest
+from dynboot.data.data_index import build_index, load_index
+from dynboot.data.ingest import RankStream, read_examples
+from dynboot.data.mixture import Source, gold_only
 from dynboot.models.base import UnifiedModel
-from dynboot.rundir import RunDir, read_jsonl, write_json
-from dynboot.trainer import TrainCore, build_optimizer
+from dynboot.io.rundir import RunDir, read_jsonl, write_json
+from dynboot.training.trainer import TrainCore, build_optimizer
+from jobs.train_model import build_model, train_dtype, world_of
+
+__all__ = ["train_loop", "plain_reference"]
 
 FAULT_DELAY_S = 6.0
-
-
-# ---- model ------------------------------------------------------------------------------------------------
-def world_spec(cfg):
-    """The embedded world's spec when training on world data (a local data source's or eval set's world.json)."""
-    from dynboot.world.generate import load_spec
-
-    for p in [s.path for s in cfg.data] + [cfg.eval_data]:
-        if p and not storage.is_uri(p):
-            try:
-                return load_spec(p)
-            except FileNotFoundError:
-                continue
-    return None
-
-
-def world_of(model: UnifiedModel):
-    """The model's embedded world (its WorldSpec) when it reads world frames: the capability behind the world's
-    augmentation and exact metrics (a model without one gets neither)."""
-    from dynboot.world.scene import WorldSpec
-
-    spec = getattr(model, "spec", None)
-    return spec if isinstance(spec, WorldSpec) else None
-
-
-def train_dtype(bf16: bool) -> torch.dtype:
-    return torch.bfloat16 if bf16 else torch.float32
-
-
-def set_gradient_checkpointing(model: UnifiedModel, setting) -> bool:
-    """Activation checkpointing on (True), off (False), or the backend's default ("auto": on for 7B-size models)."""
-    return bool(model.gradient_checkpointing(None if setting == "auto" else bool(setting)))
-
-
-def build_model(cfg, lora: bool, device: str = "cpu", dtype: torch.dtype = torch.float32) -> UnifiedModel:
-    """The model to train (in train mode), loaded in `dtype` on `device`; with `lora`, `model.net` is PEFT-wrapped."""
-    if cfg.from_scratch:
-        from dynboot.models.tiny import TinyWorldModel
-
-        spec = world_spec(cfg)
-        if spec is None:
-            raise ValueError("model_path is empty (tiny model from scratch) but no data source is a `dynboot world` dir")
-        model = TinyWorldModel.create(spec, cfg.size, seed=cfg.seed).to(device)
-    else:
-        from dynboot.models.registry import load_model
-
-        model = load_model(storage.local_model_dir(cfg.model_path), backend=cfg.backend or None, device=device, dtype=dtype)
-    set_gradient_checkpointing(model, cfg.gradient_checkpointing)
-    if lora:
-        from peft import get_peft_model
-
-        targets = cfg.lora.target_modules or model.lora_target_modules()
-        lora_cfg = model.lora_config(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
-        model.net = get_peft_model(model.net, lora_cfg)
-    return model.train()
 
 
 def use_bf16(cfg) -> bool:
@@ -137,8 +85,8 @@ def plain_reference(cfg) -> list[dict]:
     """The plain single-process loop (torch AdamW, the stream read in this process) on exactly what the job's rank 0
     of a 1-worker run trains on: same model build and seed, same plan, same augmentation draws. The recipe tests and
     the benchmark compare the job with it."""
-    from dynboot.data_index import build_index
-    from dynboot.trainer import TrainLoop
+    from dynboot.data.data_index import build_index
+    from dynboot.training.trainer import TrainLoop
 
     cfg = cfg.resolved()
     torch.manual_seed(cfg.seed)  # as the worker does before building the model (LoRA init, then dropout)
@@ -163,7 +111,7 @@ class Evaluator:
         self.examples, _ = read_examples(index, model.tokenizer.policy, cfg.eval_limit)
 
     def __call__(self, model: UnifiedModel) -> dict:
-        from dynboot.trainer import make_batch
+        from dynboot.training.trainer import make_batch
 
         cfg, ex = self.cfg, self.examples
         losses, sizes = [], []
@@ -174,7 +122,7 @@ class Evaluator:
                 sizes.append(len(chunk))
         out = {"eval_loss": round(float(np.average(losses, weights=sizes)), 5)} if ex else {}
         if ex and cfg.eval_generate and self.world is not None:
-            from dynboot.world_eval import fdp_eval, idp_eval
+            from dynboot.eval.world_eval import fdp_eval, idp_eval
 
             if cfg.task == "idp":
                 out["eval_exact"] = round(idp_eval(model, ex, self.world)["exact"], 4)
@@ -236,7 +184,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from jobs.train import TrainConfig
+    from jobs.train_config import TrainConfig
     from jobs.train_export import export_model
 
     cfg = TrainConfig.model_validate(config["cfg"])

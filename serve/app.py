@@ -43,11 +43,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from dynboot import storage
-from dynboot.best_of_n import top_n
-from dynboot.rollout import step_seed
-from dynboot.verify import NEEDS_FDP, NEEDS_IDP, VERIFIER_SCORES, combine
-from dynboot.verify import Verifier as VerifierSettings
+from dynboot.io import storage
+from dynboot.method.best_of_n import top_n
+from dynboot.eval.rollout import step_seed
+from dynboot.method.verify import NEEDS_FDP, NEEDS_IDP, VERIFIER_SCORES, combine
+from dynboot.method.verify import Verifier as VerifierSettings
 from serve.auth import AuthPolicy, serve_bind_host
 from serve.openapi import openapi_schema
 from serve.schemas import INGRESS, AppArgs
@@ -262,7 +262,7 @@ class BestOfNIngress:
                        verifier: VerifierSettings, transport: str, deadline: Deadline) -> dict:
         """One best-of-N step: `best_of` candidates from the generator, which also computes the verifier parts it
         can (the FDP's log-prob, the edit fraction), the IDP part from the verifier tier, combined here by
-        dynboot.verify.combine (the function evaluation's verification_scores ends in)."""
+        dynboot.method.verify.combine (the function evaluation's verification_scores ends in)."""
         t0 = time.perf_counter()
         parts = tuple(p for p, needs in (("fdp", NEEDS_FDP), ("edit", ("idp+edit",))) if verifier.score in needs)
         gen = await self._call(self.gen.sample, image, prompt, best_of, temperature, top_k, seed, parts,
@@ -280,7 +280,7 @@ class BestOfNIngress:
     async def rollouts(self, request: Request) -> dict:
         """Roll the FDP forward from `image` through `actions` (a JSON array of action strings, at most
         max_rollout_steps): each step samples best_of candidates, keeps the verifier's best and feeds it back as the
-        next before. With `seed`, step t samples with dynboot.rollout.step_seed(seed, t), as `dynboot rollout` does
+        next before. With `seed`, step t samples with dynboot.eval.rollout.step_seed(seed, t), as `dynboot rollout` does
         for a case of index 0."""
         t0, a = time.perf_counter(), self.args
         deadline = Deadline(a.request_deadline_s)

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import Field
 
 from dynboot.cli import job_main
-from dynboot.rundir import write_json
+from dynboot.io.rundir import write_json
 from serve.run_local import ServeConfig, start, stop
 from serve.schemas import GENERATOR, INGRESS, TIER_DEFAULTS, VERIFIER, DeploymentOptions, merged
 
@@ -64,7 +64,7 @@ class LoadConfig(ServeConfig):
 
 def world_requests(count: int, seed: int = 0) -> list[tuple[bytes, bytes, str]]:
     """(before PNG, after PNG, action) triples from the embedded world."""
-    from dynboot.images import encode_png
+    from dynboot.io.images import encode_png
     from dynboot.world import WorldSpec, apply_action, random_scene, render
     from dynboot.world.actions import valid_actions
 

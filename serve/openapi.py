@@ -13,7 +13,7 @@ import copy
 from fastapi import FastAPI
 
 from serve.schemas import AppArgs
-from dynboot.verify import VERIFIER_SCORES
+from dynboot.method.verify import VERIFIER_SCORES
 from serve.validate import CHOICES, SAMPLING
 
 ERROR_SCHEMA = {
@@ -60,7 +60,7 @@ def edit_form(args: AppArgs, side: int) -> dict:
 
 def _verifier_score(args: AppArgs) -> dict:
     return {"type": "string", "enum": list(VERIFIER_SCORES),
-            "description": f"How candidates are ranked (dynboot.verify; default {args.verification.score!r})."}
+            "description": f"How candidates are ranked (dynboot.method.verify; default {args.verification.score!r})."}
 
 
 def rollout_form(args: AppArgs) -> dict:

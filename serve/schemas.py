@@ -15,9 +15,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dynboot import storage
+from dynboot.io import storage
 from dynboot.config import Config
-from dynboot.verify import Verifier
+from dynboot.method.verify import Verifier
 
 GENERATOR, VERIFIER, INGRESS = "Generator", "Verifier", "BestOfNIngress"
 
@@ -153,7 +153,7 @@ class AppArgs(Config):
     openapi: bool = Field(False, description=(
         "Serve the OpenAPI schema at /openapi.json (behind the same bearer token as /v1/*). No /docs page."))
     verification: Verifier = Field(default_factory=Verifier, description=(
-        "How best-of-N ranks candidates, the same block as eval's `verifier` (dynboot.verify): score=idp (the "
+        "How best-of-N ranks candidates, the same block as eval's `verifier` (dynboot.method.verify): score=idp (the "
         "paper), fdp, idp+fdp, idp+edit. The FDP and edit parts are computed on the generator tier (which holds "
         "the FDP), the IDP part on the verifier tier; the ingress combines them. A request may pick another "
         "score with the `verifier_score` field; the weights are the app's."))

@@ -5,9 +5,9 @@
 - `@serve.batch` merges concurrent requests by rows (`batch_size_fn`: candidates sampled or scored, pairs
   captioned) up to the tier's row budget, so one forward never holds more rows than the config allows.
 - Prompts are counted in the model's own text tokens before any model work (400 `prompt_too_long`).
-- Images become the model's square input through its tokenizer's policy (`_model_input`, dynboot.images).
+- Images become the model's square input through its tokenizer's policy (`_model_input`, dynboot.io.images).
 - Checkpoints may be local directories or URIs (s3://, gs://, file://): fetched once per node
-  (dynboot.storage.local_model_dir).
+  (dynboot.io.storage.local_model_dir).
 - Faults that heal: a CUDA-style error marks the replica broken; later calls on it fail fast (the ingress
   retries elsewhere) and `check_health` fails, so Serve replaces the replica. `check_health` otherwise runs a
   tiny forward whenever the model is idle.
@@ -30,21 +30,21 @@ import numpy as np
 import torch
 from ray import serve
 
-from dynboot import storage
-from dynboot.devices import is_device_fault
-from dynboot.images import decode_image, encode_png
+from dynboot.io import storage
+from dynboot.method.devices import is_device_fault
+from dynboot.io.images import decode_image, encode_png
 from dynboot.models.registry import load_model
-from dynboot.verify import edit_fraction, fdp_score
+from dynboot.method.verify import edit_fraction, fdp_score
 from serve.schemas import GENERATOR, VERIFIER, FaultInjection
 from serve.validate import ApiError
 
 log = logging.getLogger("ray.serve")
 
-# The verifier parts (dynboot.verify) the generator computes: it holds the FDP and the candidates' codes.
+# The verifier parts (dynboot.method.verify) the generator computes: it holds the FDP and the candidates' codes.
 GENERATOR_PARTS = ("edit", "fdp")
 
 # Tokens a prompt layout spends besides the action and the two images (specials, separators, instructions):
-# a margin for the context check below, generous for every backend's layout (dynboot/prompts.py).
+# a margin for the context check below, generous for every backend's layout (dynboot/models/prompts.py).
 LAYOUT_MARGIN_TOKENS = 64
 
 
@@ -233,7 +233,7 @@ class Generator(ModelTier):
     async def sample(self, png: bytes, action: str, n: int, temperature: float = 1.0, top_k: int = 0,
                      seed: int | None = None, parts: tuple[str, ...] = ()) -> dict:
         """{"codes": int32 [n, L], "pngs": n PNG bytes, "seed", "model_id", "image_size"}, plus the verifier parts
-        asked for in `parts` (dynboot.verify): "fdp" (the FDP's mean log-prob of each candidate) and "edit" (the
+        asked for in `parts` (dynboot.method.verify): "fdp" (the FDP's mean log-prob of each candidate) and "edit" (the
         fraction of codes each candidate changes), n floats each, computed in the same model call."""
         self.check_prompt(action, "prompt")
         unknown = set(parts) - set(GENERATOR_PARTS)

@@ -29,7 +29,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from dynboot.images import decode_image
+from dynboot.io.images import decode_image
 from serve.schemas import AppArgs
 
 log = logging.getLogger("ray.serve")

@@ -141,7 +141,7 @@ class FaultyS3:
         self.up()
         self._saved = os.environ.get("AWS_ENDPOINT_URL")
         os.environ["AWS_ENDPOINT_URL"] = self.url
-        from dynboot import storage
+        from dynboot.io import storage
 
         storage._filesystem.cache_clear()
         return self
@@ -149,6 +149,6 @@ class FaultyS3:
     def __exit__(self, *exc) -> None:
         self.down()
         os.environ["AWS_ENDPOINT_URL"] = self._saved or self.s3.url
-        from dynboot import storage
+        from dynboot.io import storage
 
         storage._filesystem.cache_clear()

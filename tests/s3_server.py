@@ -53,7 +53,7 @@ class S3Server:
         for k, v in {**ENV, "AWS_ENDPOINT_URL": self.url}.items():
             self._saved[k] = os.environ.get(k)
             os.environ[k] = v
-        from dynboot import storage
+        from dynboot.io import storage
 
         storage._filesystem.cache_clear()  # filesystems made before the endpoint was set would point elsewhere
         return self
@@ -78,7 +78,7 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc = None
-        from dynboot import storage
+        from dynboot.io import storage
 
         storage._filesystem.cache_clear()
 

@@ -13,13 +13,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dynboot import storage
-from dynboot.aurora import BenchmarkRefused, aurora_sets
-from dynboot.clip_pairs import ClipColumns, parse_time, write_clip_pairs
-from dynboot.data_index import EmptySource, build_index, record_index, load_index
-from dynboot.images import ImagePolicy
-from dynboot.ingest import RankStream, read_examples
-from dynboot.mixture import Source
+from dynboot.io import storage
+from dynboot.data.aurora import BenchmarkRefused, aurora_sets
+from dynboot.data.clip_pairs import ClipColumns, parse_time, write_clip_pairs
+from dynboot.data.data_index import EmptySource, build_index, record_index, load_index
+from dynboot.io.images import ImagePolicy
+from dynboot.data.ingest import RankStream, read_examples
+from dynboot.data.mixture import Source
 
 AURORA = Path(__file__).parent / "data" / "aurora"
 SETS_WITH_TRAIN = ["ag", "kubric", "magicbrush", "something"]

@@ -12,7 +12,7 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
-from dynboot.models.base import Example
+from dynboot.data.example import Example
 from dynboot.models.causal_lm import CausalLMModel
 from dynboot.models.hf_parts import unwrap
 from dynboot.models.registry import backend_class, load_model

@@ -72,7 +72,7 @@ def test_captured_sends_every_writer_to_the_log_and_say_to_the_terminal(tmp_path
     """What libraries write — Python prints (warnings print to sys.stderr), a child process's stdout and a C-level
     write to fd 2 — goes to the log; `say` lines to the terminal as well. `verbose` shows the log on the terminal
     as it grows."""
-    from dynboot.console import captured, say
+    from dynboot.io.console import captured, say
 
     log = tmp_path / "log.txt"
     with captured(log, verbose=verbose):
@@ -116,7 +116,7 @@ def test_metrics_reach_a_local_mlflow_file_store(train_run, monkeypatch):
 
 def test_tracking_is_typed_and_a_missing_package_names_the_extra(monkeypatch):
     from dynboot.config import ConfigError, load_config
-    from dynboot.tracking import open_tracker
+    from dynboot.io.tracking import open_tracker
     from jobs.train import TrainConfig
 
     with pytest.raises(ConfigError, match="tracking"):

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dynboot.aurora import read_aurora
-from dynboot.images import decode_image, load_image
+from dynboot.data.aurora import read_aurora
+from dynboot.io.images import decode_image, load_image
 from dynboot.cli import job_main
 from dynboot.models.registry import load_model
 from dynboot.models.tiny import TinyWorldModel
-from dynboot.rundir import read_jsonl
+from dynboot.io.rundir import read_jsonl
 from dynboot.world import parse
 from dynboot.world.generate import WorldConfig, generate_world, load_spec
 from jobs.evaluate import EvalConfig, run
@@ -193,7 +193,7 @@ def test_pseudo_label_accuracy_of_a_relabel_output(tiny):
     """relabel_dir= + truth=: the relabel output's labels scored against the videos' true actions."""
     import pyarrow.parquet as pq_
 
-    from dynboot.pairs import make_row, to_table
+    from dynboot.data.pairs import make_row, to_table
 
     img = np.zeros((40, 40, 3), dtype=np.uint8)
     truth = tiny / "videos_truth.jsonl"

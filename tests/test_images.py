@@ -1,4 +1,4 @@
-"""dynboot.images: any mode and orientation decodes to the right RGB pixels; every policy gives S x S, keeps what it
+"""dynboot.io.images: any mode and orientation decodes to the right RGB pixels; every policy gives S x S, keeps what it
 should and is idempotent on an S x S image (so applying it in two stages changes nothing)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynboot.images import ImagePolicy, decode_image
+from dynboot.io.images import ImagePolicy, decode_image
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dynboot.cli import main as cli
-from dynboot.models.base import Example
+from dynboot.data.example import Example
 from dynboot.models.registry import backend_class, load_model, policy_of_checkpoint
 
 
@@ -79,7 +79,7 @@ def test_checkpoints_on_object_storage(bucket, tmp_path, monkeypatch):
     alone; a LoRA model loaded from the URI saves an adapter that points at the URI, not at this node's cache."""
     from peft import get_peft_model
 
-    from dynboot import storage
+    from dynboot.io import storage
 
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     uri = f"{bucket}/models/anole-tiny"

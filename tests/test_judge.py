@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynboot.judge import JUDGE_KEY_ENV, Judge, JudgeError, as_png, judge_api_key, judge_prompt, parse_scores
+from dynboot.eval.judge import JUDGE_KEY_ENV, Judge, JudgeError, as_png, judge_api_key, judge_prompt, parse_scores
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_stub_server import StubJudgeServer  # noqa: E402

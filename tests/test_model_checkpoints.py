@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
-from dynboot.models.base import Example
+from dynboot.data.example import Example
 from dynboot.models.hf_parts import unwrap
 from dynboot.models.registry import backend_class, load_model
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dynboot.images import ImagePolicy
-from dynboot.models.base import Example
+from dynboot.io.images import ImagePolicy
+from dynboot.data.example import Example
 from dynboot.models.causal_lm import CausalLMModel
 from dynboot.models.registry import backend_class, load_model, policy_of_checkpoint
 from dynboot.models.tiny import TinyWorldModel

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynboot.models.base import Example
+from dynboot.data.example import Example
 from dynboot.models.heads import SelectiveLinear
 from dynboot.models.hf_parts import unwrap
 from dynboot.models.registry import backend_class

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynboot.best_of_n import best_of_n
-from dynboot.models.base import Example
+from dynboot.method.best_of_n import best_of_n
+from dynboot.data.example import Example
 from dynboot.models.registry import load_model
 from dynboot.models.tiny import TinyWorldModel
-from dynboot.trainer import LoopConfig, TrainLoop
-from dynboot.weights import recognition_weights, weights_from_distance
+from dynboot.training.trainer import LoopConfig, TrainLoop
+from dynboot.method.weights import recognition_weights, weights_from_distance
 from dynboot.world import WorldSpec, infer_action, render
 from dynboot.world.augment import world_augmenter
 from dynboot.world.generate import random_pairs
@@ -89,6 +89,12 @@ def test_kv_cache_matches_recompute(model, pairs):
 
 
 
+def full_logits(model, batch) -> torch.Tensor:
+    """Logits at every position (the network's plain contract; the model's own paths read only what they need)."""
+    with torch.no_grad():
+        return model.net(**model._net_inputs(batch)).logits
+
+
 def test_greedy_sampling_sees_the_training_layout(model, pairs):
     """Greedy codes fed back as the target image: the training forward's argmax at every code-predicting
     position must reproduce them (token, position and cell features of generation = those of training)."""
@@ -98,7 +104,7 @@ def test_greedy_sampling_sees_the_training_layout(model, pairs):
     examples = [Example(before=before[i], after=after[i], action=actions[i]) for i in range(4)]
     batch = model.collate(examples, "fdp")
     with torch.no_grad():
-        logits = model._forward(model.net, batch).logits
+        logits = full_logits(model, batch)
     predicts_code = batch["image_of"][:, 1:] == 1  # position j predicts the token at j+1
     teacher = model.image_logits(logits[:, :-1])[predicts_code].argmax(-1).reshape(4, -1)
     assert torch.equal(teacher, codes)
@@ -109,7 +115,7 @@ def test_weighted_loss_with_unit_weights_is_plain_ce(model, pairs):
     for task in ("idp", "fdp"):
         batch = model.collate(ex, task, torch.ones(len(ex), SPEC.cells) if task == "fdp" else None)
         labels = batch["input_ids"].masked_fill(batch["target_weights"] == 0, -100)
-        logits = model._forward(model.net, batch, diff=batch["diff_flags"]).logits
+        logits = full_logits(model, batch)
         plain = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         assert torch.allclose(model.loss(batch), plain, atol=1e-5)
     w = torch.zeros(len(ex), SPEC.cells)  # zero weight on every image code: only <eos> is left to learn
@@ -124,7 +130,7 @@ def test_save_load_identical_logits(model, pairs, tmp_path):
     assert isinstance(loaded, TinyWorldModel) and loaded.spec == SPEC
     ex = [Example(before[i], after[i], actions[i]) for i in range(4)]
     b = model.collate(ex, "fdp")
-    assert torch.equal(model._forward(model.net, b).logits, loaded._forward(loaded.net, b).logits)
+    assert torch.equal(full_logits(model, b), full_logits(loaded, b))
     assert torch.equal(model.action_logprob(before, after, actions), loaded.action_logprob(before, after, actions))
 
 

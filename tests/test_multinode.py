@@ -24,8 +24,8 @@ from typing import Callable
 import psutil
 import pytest
 
-from dynboot.pairs import read_pairs
-from dynboot.rundir import read_jsonl
+from dynboot.data.pairs import read_pairs
+from dynboot.io.rundir import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -178,7 +178,7 @@ def relabel_config(videos: str, out: str, model: str, cluster):
 
 
 def committed_partitions(out: str) -> int:
-    from dynboot import storage
+    from dynboot.io import storage
 
     return len([p for p in storage.list_files(storage.join(out, "commits"), recursive=False) if "/p-" in p])
 
@@ -187,7 +187,7 @@ def committed_partitions(out: str) -> int:
 def test_relabel_from_and_to_the_bucket_is_exactly_once_when_a_worker_node_dies(cluster, world, idp, bucket):
     import json
 
-    from dynboot import storage
+    from dynboot.io import storage
     from jobs.relabel import run as run_relabel
 
     ensure_workers(cluster)
@@ -233,7 +233,7 @@ def test_relabel_from_and_to_the_bucket_is_exactly_once_when_a_worker_node_dies(
 # ---- train ------------------------------------------------------------------------------------------------------
 @pytest.mark.timeout(600)
 def test_training_resumes_from_its_checkpoint_when_a_worker_node_dies(cluster, world, tmp_path):
-    from dynboot.mixture import Source
+    from dynboot.data.mixture import Source
     from dynboot.models.registry import load_model
     from jobs.train import TrainConfig, run as run_train
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from dynboot.models.tiny import TinyWorldModel
-from dynboot.pairs import load_examples
-from dynboot.predict import PredictSettings, predict
-from dynboot.verify import verifier_sees_codes
+from dynboot.data.pairs import load_examples
+from dynboot.method.predict import PredictSettings, predict
+from dynboot.method.verify import verifier_sees_codes
 from dynboot.world.generate import WorldConfig, generate_world, load_spec
-from dynboot.world_eval import best_of_n_eval, fdp_eval, idp_eval, items_of
+from dynboot.eval.world_eval import best_of_n_eval, fdp_eval, idp_eval, items_of
 from jobs.evaluate import EvalConfig, run
 
 

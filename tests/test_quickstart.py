@@ -60,7 +60,7 @@ def test_quickstart_small(tmp_path, capfd):
 def test_paired_verdict_counts_only_the_pairs_where_the_models_differ():
     """Two FDPs scored on the same pairs: 36 pairs only A gets right, 16 only B, the rest agree. The unpaired
     binomial test calls the 0.067 gap noise; the paired one (what the report uses for rows 2 and 3) does not."""
-    from dynboot.stats import verdict
+    from dynboot.eval.stats import verdict
 
     a = [1] * 36 + [0] * 16 + [1] * 127 + [0] * 121
     b = [0] * 36 + [1] * 16 + [1] * 127 + [0] * 121

@@ -162,7 +162,7 @@ def test_the_papers_protocol_on_real_data(tmp_path, cluster_address):
     assert metrics["idp"]["overall"]["n"] == 9  # every item captioned (an empty caption counts as a wrong one)
     report = (run / "eval" / "report.md").read_text()
     assert all(f"| {s} |" in report for s in SUBSETS) and "| overall |" in report
-    from dynboot.images import decode_image
+    from dynboot.io.images import decode_image
 
     rows = pq.read_table(run / "eval" / "predictions.parquet", columns=["before", "candidates"]).to_pylist()
     size = _json(run / "liquid" / "dynboot.json")["image_policy"]["size"]

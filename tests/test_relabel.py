@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dynboot import partitions
-from dynboot.images import decode_image
-from dynboot.pairs import PAIR_SCHEMA, make_row, read_pairs, to_table
-from dynboot.rundir import ConfigChanged
-from dynboot.video import read_video, write_video
+from dynboot.io import partitions
+from dynboot.io.images import decode_image
+from dynboot.data.pairs import PAIR_SCHEMA, make_row, read_pairs, to_table
+from dynboot.io.rundir import ConfigChanged
+from dynboot.data.video import read_video, write_video
 from jobs.filter import FilterConfig, run as run_filter, stratified_top_k
 from jobs.relabel import RelabelConfig, run as run_relabel
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from dynboot import partitions, storage
-from dynboot.pairs import read_pairs
+from dynboot.io import partitions, storage
+from dynboot.data.pairs import read_pairs
 from jobs.filter import FilterConfig, run as run_filter
 from jobs.relabel import RelabelConfig, run as run_relabel
 

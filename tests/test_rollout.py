@@ -1,4 +1,4 @@
-"""Multi-step rollouts (dynboot.rollout, `dynboot rollout`): each step's chosen prediction is the next step's before,
+"""Multi-step rollouts (dynboot.eval.rollout, `dynboot rollout`): each step's chosen prediction is the next step's before,
 chosen by the one prediction core and verifier; exact match per step read by the world's exact parser."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dynboot.predict import Item, PredictSettings, predict
-from dynboot.rollout import (Rollout, RolloutCase, exact_by_step, rollout, rollout_world_scores, step_seed,
+from dynboot.method.predict import Item, PredictSettings, predict
+from dynboot.eval.rollout import (Rollout, RolloutCase, exact_by_step, rollout, rollout_world_scores, step_seed,
                              training_transitions, world_cases)
-from dynboot.verify import verification_scores
+from dynboot.method.verify import verification_scores
 from dynboot.world.actions import apply_action, parse_action
 from dynboot.world.episodes import pair_key
 from dynboot.world.generate import WorldConfig, generate_world, load_spec

@@ -12,9 +12,9 @@ import time
 import pytest
 from pydantic import Field
 
-from dynboot import storage
+from dynboot.io import storage
 from dynboot.config import Config
-from dynboot.rundir import ConfigChanged, RunDir, RunDirBusy, config_differences
+from dynboot.io.rundir import ConfigChanged, RunDir, RunDirBusy, config_differences
 
 
 class JobConfig(Config):
@@ -35,7 +35,7 @@ def test_lock_excludes_a_second_job_and_is_released(tmp_path):
 
 def test_a_killed_holder_leaves_no_stuck_lock(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys, time; from dynboot.rundir import RunDir; from dynboot.config import Config; "
+    code = ("import sys, time; from dynboot.io.rundir import RunDir; from dynboot.config import Config; "
             f"rd = RunDir({str(run)!r}); rd.lock(); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})

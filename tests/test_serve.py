@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from PIL import Image
 
-from dynboot.images import decode_image, encode_png
-from dynboot.verify import VERIFIER_SCORES, verification_scores
-from dynboot.verify import Verifier as VerifierSettings
+from dynboot.io.images import decode_image, encode_png
+from dynboot.method.verify import VERIFIER_SCORES, verification_scores
+from dynboot.method.verify import Verifier as VerifierSettings
 from dynboot.models.registry import load_model
 from serve.schemas import GENERATOR, INGRESS, VERIFIER, AppArgs
 from serve_harness import (REPO, checkpoints, error_of, free_port, png, post_edit, replicas, serve_apps, tier,
@@ -53,7 +53,7 @@ def scene():
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, s3_server):
-    from dynboot import storage
+    from dynboot.io import storage
 
     paths = checkpoints(tmp_path_factory.mktemp("serve"), {"fdp": ("xs", 0), "idp": ("xs", 1), "fdp_slow": ("m", 2)})
     idp_uri = storage.copy_dir(paths["idp"], storage.join(s3_server.bucket("serve-models"), "idp model #1"))
@@ -161,7 +161,7 @@ def test_actions_caption_and_score(app, scene):
 @pytest.mark.parametrize("score", VERIFIER_SCORES)
 def test_verifier_score_chosen_in_serve_equals_the_librarys(app, scene, score):
     """Per request (`verifier_score`): the FDP / edit parts from the generator tier, the IDP part from the verifier
-    tier, combined in the ingress, give the scores and the choice of dynboot.verify.verification_scores."""
+    tier, combined in the ingress, give the scores and the choice of dynboot.method.verify.verification_scores."""
     before, action = scene
     r = post_edit(app["url"], encode_png(before), action, n=2, best_of=6, seed=123, verifier_score=score,
                   return_candidates="true")
@@ -188,12 +188,12 @@ def post_rollout(url: str, image: bytes, actions, timeout: float = 120, headers=
 
 
 def test_rollout_endpoint_feeds_each_choice_back_as_the_library_rollout_does(app):
-    """A seeded rollout over HTTP equals dynboot.rollout.rollout for one case (index 0): the same candidates,
+    """A seeded rollout over HTTP equals dynboot.eval.rollout.rollout for one case (index 0): the same candidates,
     choices and images at every step, so the endpoint chains the verified choice exactly like `dynboot rollout`
     (idp+edit: parts from both tiers; every score's combination is checked on /v1/images/edits above)."""
     score = "idp+edit"
-    from dynboot.predict import PredictSettings
-    from dynboot.rollout import RolloutCase, rollout, world_cases
+    from dynboot.method.predict import PredictSettings
+    from dynboot.eval.rollout import RolloutCase, rollout, world_cases
     from dynboot.world import WorldSpec
 
     case = world_cases(WorldSpec(), 1, 3, seed=7)[0]

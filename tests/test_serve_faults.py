@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from dynboot.images import encode_png
+from dynboot.io.images import encode_png
 from serve.schemas import GENERATOR
 from serve_harness import checkpoints, error_of, post_edit, replicas, serve_apps, tier, wait_ready, world_scene
 

@@ -1,4 +1,4 @@
-"""dynboot.storage against a real S3-protocol server on loopback (moto) and the local filesystem: the same calls,
+"""dynboot.io.storage against a real S3-protocol server on loopback (moto) and the local filesystem: the same calls,
 keys with spaces / non-ASCII / '#' / '?', model directories cached once per node, transient vs permanent errors."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynboot import storage
+from dynboot.io import storage
 
 ODD_KEYS = ["plain.txt", "with space.txt", "hash#tag.txt", "query?x=1.txt", "pct%20lit.txt", "日本語/動画 1.mp4"]
 

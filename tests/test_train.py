@@ -19,15 +19,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dynboot import storage
-from dynboot.checkpoint_manifest import KEY_ENV, UntrustedCheckpoint, verify_checkpoint, write_manifest
+from dynboot.io import storage
+from dynboot.io.checkpoint_manifest import KEY_ENV, UntrustedCheckpoint, verify_checkpoint, write_manifest
 from dynboot.config import ConfigError, load_config
-from dynboot.data_index import EmptySource, build_index, changes, record_index
-from dynboot.images import ImagePolicy
-from dynboot.ingest import RankStream
-from dynboot.mixture import MixturePlan, Source
-from dynboot.pairs import gold_rows, to_table
-from dynboot.rundir import read_jsonl
+from dynboot.data.data_index import EmptySource, build_index, changes, record_index
+from dynboot.io.images import ImagePolicy
+from dynboot.data.ingest import RankStream
+from dynboot.data.mixture import MixturePlan, Source
+from dynboot.data.pairs import gold_rows, to_table
+from dynboot.io.rundir import read_jsonl
 from jobs.train import InputError, TrainConfig, unknown_tags
 
 AURORA = Path(__file__).parent / "data" / "aurora"
@@ -307,7 +307,7 @@ def test_zero2_fdp_resumes_after_a_worker_dies(ray_cluster, small_world, tmp_pat
     assert "eval_changed_cell_acc" in summary["eval"]
     check_export(out)
     # a rerun with a changed setting that is not operational stops, naming it (before any cluster work)
-    from dynboot.rundir import ConfigChanged
+    from dynboot.io.rundir import ConfigChanged
 
     with pytest.raises(ConfigChanged, match="lr"):
         run(cfg.model_copy(update={"lr": 1e-3}))
@@ -346,8 +346,8 @@ def test_real_backend_on_aurora_sample_everything_on_s3(ray_cluster, bucket, tmp
 
 def test_gradient_checkpointing_recomputes_without_changing_the_step(small_world):
     """gradient_checkpointing=true trades memory for recomputation: same losses as off, on the plain core."""
-    from dynboot.trainer import TrainLoop
-    from jobs.train_worker import build_model, set_gradient_checkpointing
+    from dynboot.training.trainer import TrainLoop
+    from jobs.train_model import build_model, set_gradient_checkpointing
 
     cfg = TrainConfig(task="fdp", size="xxs", steps=3, batch_size=4, warmup=1, eval_every=0, threads=1, augment=False,
                       data=[Source(path=str(small_world))])

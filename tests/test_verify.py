@@ -1,15 +1,15 @@
-"""Verifier scores (dynboot.verify) with real, briefly trained tiny models: over-editing is seen.
+"""Verifier scores (dynboot.method.verify) with real, briefly trained tiny models: over-editing is seen.
 `pytest tests/test_verify.py`"""
 
 import numpy as np
 import pytest
 import torch
 
-from dynboot.best_of_n import best_of_n
-from dynboot.models.base import Example
+from dynboot.method.best_of_n import best_of_n
+from dynboot.data.example import Example
 from dynboot.models.tiny import TinyWorldModel
-from dynboot.trainer import LoopConfig, TrainLoop
-from dynboot.verify import VERIFIER_SCORES, Verifier, combine, edit_fraction, fdp_score, idp_score, verification_scores
+from dynboot.training.trainer import LoopConfig, TrainLoop
+from dynboot.method.verify import VERIFIER_SCORES, Verifier, combine, edit_fraction, fdp_score, idp_score, verification_scores
 from dynboot.world import WorldSpec, infer_action, render
 from dynboot.world.generate import random_pairs
 

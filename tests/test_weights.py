@@ -1,14 +1,14 @@
-"""Recognition weightings (dynboot.weights) on real tiny models: label independence, shapes, the paper's setting.
+"""Recognition weightings (dynboot.method.weights) on real tiny models: label independence, shapes, the paper's setting.
 `pytest tests/test_weights.py`"""
 
 import numpy as np
 import pytest
 import torch
 
-from dynboot.models.base import Example
+from dynboot.data.example import Example
 from dynboot.models.tiny import TinyWorldModel
-from dynboot.trainer import LoopConfig, TrainLoop, make_batch
-from dynboot.weights import (LABEL_INDEPENDENT, STRATEGIES, anneal_scale, model_weights,
+from dynboot.training.trainer import LoopConfig, TrainLoop, make_batch
+from dynboot.method.weights import (LABEL_INDEPENDENT, STRATEGIES, anneal_scale, model_weights,
                              recognition_weights, token_weights, weights_from_distance)
 from dynboot.world import WorldSpec, infer_action, render
 from dynboot.world.generate import random_pairs

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from dynboot.aurora import read_aurora
-from dynboot.images import load_image
-from dynboot.video import read_video
+from dynboot.data.aurora import read_aurora
+from dynboot.io.images import load_image
+from dynboot.data.video import read_video
 from dynboot.world import (ActionError, GridTokenizer, WorldSpec, apply_action, infer_action, parse, parse_action,
                            random_scene, render, valid_actions)
 from dynboot.world.augment import augment_pair

@@ -30,7 +30,7 @@ from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 from dynboot.models.heads import ReadoutMixin, make_selective
 from dynboot.models.hf_core import Budget, from_pretrained
 from dynboot.models.hf_parts import INSTRUCTION_WORDS, PromptText, building, load_dtype, unwrap, word_tokenizer
-from dynboot.images import ImagePolicy
+from dynboot.io.images import ImagePolicy
 from dynboot.models.liquid import LiquidModel, _words
 from dynboot.models.vqgan import VQGANConfig, VQGANTokenizer, chameleon_policy, locate_vqgan
 

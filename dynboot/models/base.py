@@ -19,14 +19,14 @@ codes [B, L] in the tokenizer's codebook (no vocabulary offset); actions are str
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
-from dynboot.images import ImagePolicy
+from dynboot.data.example import Example
+from dynboot.io.images import ImagePolicy
 
 Task = Literal["idp", "fdp"]
 TinySize = Literal["xxs", "xs", "s", "m"]  # the tiny world model's sizes (dynboot.models.tiny.SIZES)
@@ -39,7 +39,7 @@ class ImageTokenizer(Protocol):
     codebook_size: int  # number of codes
     tokens_per_image: int  # L
     image_size: int  # side of the square input the tokenizer works at
-    policy: ImagePolicy  # how an image of any size / mode becomes the [S, S, 3] input (dynboot.images)
+    policy: ImagePolicy  # how an image of any size / mode becomes the [S, S, 3] input (dynboot.io.images)
 
     def encode(self, images) -> torch.Tensor:
         """Images ([B, H, W, 3] uint8, or a list of any sizes / modes) -> [B, L] int64 codes."""
@@ -49,16 +49,6 @@ class ImageTokenizer(Protocol):
 
     def features(self, images) -> torch.Tensor:
         """Images (as for `encode`) -> [B, L, D] pre-quantisation features (for recognition weights)."""
-
-
-@dataclass
-class Example:
-    """One training pair, as the data loaders hand it to `collate`."""
-
-    before: np.ndarray  # [H, W, 3] uint8 (any size: the tokenizer's policy applies)
-    after: np.ndarray  # [H, W, 3] uint8
-    action: str
-    meta: dict[str, Any] = field(default_factory=dict)  # source, id, provenance tag...
 
 
 class UnifiedModel(abc.ABC):
@@ -105,7 +95,7 @@ class UnifiedModel(abc.ABC):
     def image_logprobs(self, before: np.ndarray, actions: list[str], after: np.ndarray | torch.Tensor) -> torch.Tensor:
         """[B, L, K] teacher-forced FDP log-probs over the codebook at each cell of `after` (images or codes),
         without gradient: row l is log p(. | before, action, after[<l]). Model-based recognition weights
-        (dynboot.weights) and the FDP-likelihood verifier (dynboot.verify) read it."""
+        (dynboot.method.weights) and the FDP-likelihood verifier (dynboot.method.verify) read it."""
 
     # ---- training --------------------------------------------------------------------------------
     @abc.abstractmethod

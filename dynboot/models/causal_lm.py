@@ -17,7 +17,7 @@ import torch
 from dynboot.models.base import ImageTokenizer
 from dynboot.models.core import SequenceModel
 from dynboot.models.heads import Readout
-from dynboot.prompts import Specials, fdp_layout, idp_layout, pad_layouts
+from dynboot.models.prompts import Specials, fdp_layout, idp_layout, pad_layouts
 
 
 class CausalLMModel(SequenceModel):

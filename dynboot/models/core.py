@@ -33,9 +33,11 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from dynboot.models.base import Example, Stage, Task, UnifiedModel
+from dynboot.data.example import Example
+
+from dynboot.models.base import Stage, Task, UnifiedModel
 from dynboot.models.heads import DEFAULT_LOGIT_CHUNK, Readout, device_generator, pick
-from dynboot.prompts import Specials, fdp_layout, idp_layout
+from dynboot.models.prompts import Specials, fdp_layout, idp_layout
 
 TYPICAL_ACTION_TOKENS = 16  # text tokens assumed per action when pricing a row (`token_cost`)
 

@@ -27,12 +27,12 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from dynboot import storage
-from dynboot.images import ImagePolicy
+from dynboot.io import storage
+from dynboot.io.images import ImagePolicy
 from dynboot.models.heads import DEFAULT_LOGIT_CHUNK, ReadoutMixin, make_selective
 from dynboot.models.hf_parts import PromptText, known_options, language_model_projections, load_dtype, unwrap
 from dynboot.models.registry import checkpoint_description
-from dynboot.rundir import write_json
+from dynboot.io.rundir import write_json
 
 ADAPTER_DIR = "adapter"
 DEFAULT_MAX_TOKENS = 32768  # tokens per forward on a CPU or an unknown device (~16 GB of a 7B model's bf16 KV cache)

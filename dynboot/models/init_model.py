@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from dynboot import storage
+from dynboot.io import storage
 from dynboot.config import Config
 from dynboot.models.registry import backend_class
 

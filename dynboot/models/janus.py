@@ -37,10 +37,10 @@ from dynboot.models.hf_core import Budget, HFBackend, from_pretrained, resolve_b
 from dynboot.models.hf_parts import (
     INSTRUCTION_WORDS, PromptText, build_specials, building, load_dtype, token_id, unwrap, word_tokenizer,
 )
-from dynboot.images import ImagePolicy
+from dynboot.io.images import ImagePolicy
 from dynboot.models.liquid import _words
 from dynboot.models.vqgan import to_pixels, to_uint8
-from dynboot.prompts import fdp_layout, idp_layout, pad_layouts
+from dynboot.models.prompts import fdp_layout, idp_layout, pad_layouts
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 PLACEHOLDER, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"

@@ -28,7 +28,7 @@ from dynboot.models.hf_core import Budget, HFBackend, causal_lm_class, config_of
 from dynboot.models.hf_parts import (
     INSTRUCTION_WORDS, PromptText, build_specials, building, load_dtype, token_id, unwrap, word_tokenizer,
 )
-from dynboot.images import ImagePolicy
+from dynboot.io.images import ImagePolicy
 from dynboot.models.vqgan import YAML_NAME, VQGANConfig, VQGANTokenizer, locate_vqgan
 
 LIQUID_OFFSET = 256000  # Gemma's text vocabulary

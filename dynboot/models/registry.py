@@ -2,7 +2,7 @@
 
 Every job config carries `backend=` and `model_path=`; `load_model(path)` reads the backend name from
 the checkpoint's dynboot.json when `backend` is not given. A model path is a local directory or a URI
-(`s3://...`, fetched once per node into a local cache by `dynboot.storage.local_model_dir`).
+(`s3://...`, fetched once per node into a local cache by `dynboot.io.storage.local_model_dir`).
 `policy_of_checkpoint(path)` gives a checkpoint's image policy from its small files, without loading weights.
 """
 
@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from dynboot import storage
-from dynboot.images import ImagePolicy
+from dynboot.io import storage
+from dynboot.io.images import ImagePolicy
 from dynboot.models.base import UnifiedModel
 
 BACKENDS: dict[str, str] = {

@@ -23,11 +23,11 @@ from transformers import PreTrainedTokenizerFast
 
 from dynboot.models.base import TinySize
 from dynboot.models.causal_lm import CausalLMModel
-from dynboot.images import ImagePolicy
+from dynboot.io.images import ImagePolicy
 from dynboot.models.registry import read_description
 from dynboot.models.world_lm import WorldLM, WorldLMConfig
-from dynboot.prompts import Specials
-from dynboot.rundir import write_json
+from dynboot.models.prompts import Specials
+from dynboot.io.rundir import write_json
 from dynboot.world.actions import WORDS, valid_actions
 from dynboot.world.render import GridTokenizer
 from dynboot.world.scene import WorldSpec

@@ -37,7 +37,7 @@ from transformers.models.chameleon.modeling_chameleon import (
     ChameleonVQVAEEncoderResnetBlock,
 )
 
-from dynboot.images import ImagePolicy
+from dynboot.io.images import ImagePolicy
 
 YAML_NAME, CKPT_NAME, SAFETENSORS_NAME = "vqgan.yaml", "vqgan.ckpt", "vqgan.safetensors"
 

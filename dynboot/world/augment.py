@@ -45,7 +45,7 @@ def world_augmenter(spec: WorldSpec):
     An inductive bias of the embedded world's data (real videos have no exact parser), so the train job
     turns it on only for world data.
     """
-    from dynboot.models.base import Example
+    from dynboot.data.example import Example
     from dynboot.world.render import parse, render
 
     def augment(examples: list[Example], rng: np.random.Generator) -> list[Example]:

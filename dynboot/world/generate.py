@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from dynboot.aurora import write_aurora
+from dynboot.data.aurora import write_aurora
 from dynboot.config import Config
-from dynboot.rundir import atomic_write_text, write_json
-from dynboot.video import write_video
+from dynboot.io.rundir import atomic_write_text, write_json
+from dynboot.data.video import write_video
 from dynboot.world.actions import apply_action, infer_action, random_action
 from dynboot.world.episodes import make_episode, pair_key
 from dynboot.world.render import render

@@ -1,14 +1,14 @@
 """The data index of a training run: every source resolved once into chunks of rows, recorded in the run directory
-so that every rank, every worker restart and every rerun streams the same plan (dynboot.mixture).
+so that every rank, every worker restart and every rerun streams the same plan (dynboot.data.mixture).
 
     index = record_index(build_index(cfg.data), "s3://bucket/run/data")   # the driver, once per run
     index = load_index("s3://bucket/run/data")                 # ranks, read tasks (cached per process)
     table = index.read_chunk(src, chunk)                       # a chunk's rows (pair rows or AURORA records)
 
-- Parquet pair files (dynboot.pairs): the committed files under the path (names starting with '.' or '_' are
+- Parquet pair files (dynboot.data.pairs): the committed files under the path (names starting with '.' or '_' are
   temp files or markers: skipped), their footers read in parallel; a chunk is a row group, or a run of up to
   `CHUNK_ROWS` rows of it. A file whose footer cannot be read is a bad file: counted, named, skipped.
-- AURORA sources (dynboot.aurora): the records are read once, their images' existence checked with one listing
+- AURORA sources (dynboot.data.aurora): the records are read once, their images' existence checked with one listing
   per set (a record whose image is missing is counted and reported, not fatal), and the usable records written as a
   small Parquet table of image URIs (`source<i>.parquet`, a row group per chunk) beside the index.
 - a source with no usable row is an error naming it and why (`EmptySource`); `max_items` keeps a fixed,
@@ -34,9 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from dynboot import storage
-from dynboot.aurora import BenchmarkRefused, aurora_sets, image_root, image_uri, read_aurora
-from dynboot.mixture import MixturePlan, Source
+from dynboot.io import storage
+from dynboot.data.aurora import BenchmarkRefused, aurora_sets, image_root, image_uri, read_aurora
+from dynboot.data.mixture import MixturePlan, Source
 
 __all__ = ["CHUNK_ROWS", "PAIR_COLUMNS", "RECORD_SCHEMA", "SourceIndex", "DataIndex", "EmptySource", "build_index",
            "record_index", "load_index", "changes", "resolve_kind", "BenchmarkRefused"]

@@ -4,7 +4,7 @@ on which rank), a pure function of the data index and the seed.
     data:                                   # TrainConfig.data (a plain path or a list of paths also works)
       - {path: /data/AURORA}                # an AURORA root: every data/<set>/train.json (never test.json)
       - {path: /data/AURORA/data/kubric/train.json, max_items: 10000}    # a set, capped (the paper: Kubric 10K)
-      - {path: s3://bucket/relabel/shards, weight: 0.5}                  # Parquet pair files (dynboot.pairs)
+      - {path: s3://bucket/relabel/shards, weight: 0.5}                  # Parquet pair files (dynboot.data.pairs)
 
 Semantics (the same for the plain loop and every Ray Train rank):
 - `weight` is a ratio: of every `window` consecutive samples, source s gives weight_s / sum(weights) (to the

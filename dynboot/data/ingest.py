@@ -5,7 +5,7 @@ process for the plain loop), handed to a rank as examples, with a position that 
     examples = stream.next(64)                  # exactly 64 decoded examples (malformed rows skipped, counted)
     stream.position                             # (t, pos): resume with RankStream(..., start=position)
 
-A read task takes one window of the plan (dynboot.mixture): it reads the window's pieces (row runs of Parquet row
+A read task takes one window of the plan (dynboot.data.mixture): it reads the window's pieces (row runs of Parquet row
 groups, or AURORA records whose images it fetches), permutes them (the window is the bounded shuffle buffer), drops
 the rows a resumed rank already consumed, decodes every image (any format, mode, orientation) and applies the
 model's image policy, so the rank receives [n, S, S, 3] arrays of one size whatever sizes the data has; nothing on
@@ -13,7 +13,7 @@ the way stacks raw images. A rank holds a few decoded batches at a time (Ray Dat
 its memory does not grow with the dataset. Rows that cannot be used (an undecodable image, a missing file, a
 Parquet file that changed or broke since the index was built) keep their place in the window as rows carrying an
 `error`, so every rank and every restart sees the same positions; the rank counts and skips them. Transient I/O
-errors are retried (dynboot.storage.retry); if they persist the task fails, Ray Data retries it, and in the end the
+errors are retried (dynboot.io.storage.retry); if they persist the task fails, Ray Data retries it, and in the end the
 worker group restarts from its checkpoint: never a silent loss.
 """
 
@@ -26,10 +26,10 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 
-from dynboot import storage
-from dynboot.data_index import DataIndex, load_index
-from dynboot.images import ImagePolicy, decode_image
-from dynboot.mixture import MixturePlan, Piece
+from dynboot.io import storage
+from dynboot.data.data_index import DataIndex, load_index
+from dynboot.io.images import ImagePolicy, decode_image
+from dynboot.data.mixture import MixturePlan, Piece
 
 __all__ = ["RankStream", "read_examples", "decode_pieces", "window_batches"]
 
@@ -194,7 +194,7 @@ class RankStream:
         import ray
 
         if not self.index.uri:
-            raise ValueError("reader='ray' needs an index recorded on storage every node can read (dynboot.data_index.record_index)")
+            raise ValueError("reader='ray' needs an index recorded on storage every node can read (dynboot.data.data_index.record_index)")
         n = max(2, -(-max(self.rows_hint - self.rows, 0) // max(1, self.window)) + 2)
         ds = ray.data.range(n, override_num_blocks=n).map_batches(
             _read_windows, batch_size=1, num_cpus=self.ingest_cpus, compute=ray.data.TaskPoolStrategy(size=self.ingest_tasks),
@@ -211,7 +211,7 @@ class RankStream:
 
     def next(self, n: int) -> list:
         """Exactly `n` decoded examples (Example), skipping and counting malformed rows."""
-        from dynboot.models.base import Example
+        from dynboot.data.example import Example
 
         t_wait = time.perf_counter()
         out = []
@@ -266,7 +266,7 @@ def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 
 def read_examples(index: DataIndex, policy: ImagePolicy, limit: int) -> tuple[list, list[dict]]:
     """The first `limit` usable examples of an index in file order (evaluation sets), and the malformed rows met."""
-    from dynboot.models.base import Example
+    from dynboot.data.example import Example
 
     out, bad = [], []
     for src, s in enumerate(index.sources):

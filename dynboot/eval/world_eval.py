@@ -1,5 +1,5 @@
 """Exact scores of predictions on the embedded world (library code: `dynboot eval`, the train-time evaluator, the
-quickstart and the benchmarks score through here, on predictions from `dynboot.predict`).
+quickstart and the benchmarks score through here, on predictions from `dynboot.method.predict`).
 
     preds = predict(fdp, idp, items, settings)
     world_scores(spec, fdp, items, preds, ns=[1, 2, 4, 8])   # {"fdp": best-of-N + greedy, "idp": captions}
@@ -16,9 +16,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dynboot.metrics import best_of_n_world, fdp_world_metrics, idp_world_metrics
-from dynboot.models.base import Example, UnifiedModel
-from dynboot.predict import Item, Prediction, PredictSettings, predict
+from dynboot.eval.metrics import best_of_n_world, fdp_world_metrics, idp_world_metrics
+from dynboot.data.example import Example
+from dynboot.models.base import UnifiedModel
+from dynboot.method.predict import Item, Prediction, PredictSettings, predict
 from dynboot.world.actions import parse_action
 from dynboot.world.render import parse
 from dynboot.world.scene import WorldSpec
@@ -87,7 +88,7 @@ def spec_frame(spec: WorldSpec, image: np.ndarray) -> np.ndarray:
     px = spec.image_px
     if image.shape[:2] == (px, px):
         return image
-    from dynboot.images import ImagePolicy
+    from dynboot.io.images import ImagePolicy
 
     return ImagePolicy(kind="squash", size=px, resample="nearest").apply(image)
 

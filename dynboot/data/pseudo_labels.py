@@ -20,15 +20,15 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from dynboot import storage
-from dynboot.partitions import committed_files
+from dynboot.io import storage
+from dynboot.io.partitions import committed_files
 
 __all__ = ["pseudo_label_accuracy", "shard_files", "load_truth"]
 
 
 def shard_files(path: str | Path) -> list[str]:
     """The Parquet files of a relabel/filter run directory (its committed files), a shard directory, or one file
-    (dynboot.partitions.committed_files); local paths or URIs."""
+    (dynboot.io.partitions.committed_files); local paths or URIs."""
     if not storage.exists(str(path)):
         raise FileNotFoundError(f"{path}: no such shard directory or Parquet file")
     return committed_files(str(path))

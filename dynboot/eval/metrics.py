@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from dynboot.textmetrics import normalise
+from dynboot.eval.textmetrics import normalise
 from dynboot.world.actions import ActionError, parse_action
 from dynboot.world.scene import WorldSpec
 

@@ -47,7 +47,7 @@ from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 
-from dynboot import storage
+from dynboot.io import storage
 
 __all__ = ["MANIFEST_SCHEMA", "VIDEO_EXTENSIONS", "ManifestSource", "manifest_source", "video_id_of", "clean_id",
            "rows_from_lines", "rows_from_records", "rows_from_listing", "walk_local", "list_tree", "build_manifest"]

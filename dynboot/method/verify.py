@@ -40,7 +40,7 @@ NEEDS_FDP = ("fdp", "idp+fdp")
 
 
 class Verifier(Config):
-    """How best-of-N ranks candidates (dynboot.verify)."""
+    """How best-of-N ranks candidates (dynboot.method.verify)."""
 
     score: VerifierScore = Field("idp", description="idp: the paper's IDP action log-prob; fdp: the FDP's own "
                                  "log-prob of the candidate; idp+fdp: their sum (also penalises changes the action "

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dynboot.rundir import atomic_write_bytes, atomic_write_text
+from dynboot.io.rundir import atomic_write_bytes, atomic_write_text
 
 __all__ = ["fmt", "md_table", "candidates_grid", "rollout_strip", "score_vs_n_plot", "write_report", "eval_report", "headline"]
 
@@ -228,8 +228,8 @@ def _aurora_sections(m: dict, ns: Sequence[int]) -> tuple[list[tuple[str, str]],
 
 
 def _grid_examples(rows: Sequence[dict], ns: Sequence[int], k: int) -> list[dict]:
-    from dynboot.images import decode_image
-    from dynboot.metrics import group_choices
+    from dynboot.io.images import decode_image
+    from dynboot.eval.metrics import group_choices
 
     out = []
     for r in [r for r in rows if r.get("candidates")][:k]:
@@ -246,7 +246,7 @@ def _grid_examples(rows: Sequence[dict], ns: Sequence[int], k: int) -> list[dict
 def eval_report(root: str | Path, mode: str, metrics: dict, rows: Sequence[dict], ns: Sequence[int],
                 grid_examples: int = 6, title: str = "dynboot eval") -> str:
     """report.md (+ grid.png, score_vs_n.png) for the evaluation job; returns the main table (markdown)."""
-    from dynboot.rundir import read_jsonl
+    from dynboot.io.rundir import read_jsonl
 
     root = Path(root)
     sections, table, curves = (_world_sections if mode == "world" else _aurora_sections)(metrics, ns)

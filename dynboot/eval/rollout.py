@@ -5,8 +5,8 @@ step's chosen prediction fed back as the next step's "before", best-of-N per ste
     rolls = rollout(fdp, idp, cases, PredictSettings(n=8, seed=0))  # one Rollout per case
     rollout_world_scores(spec, cases, rolls)                       # exact match at step 1..k
 
-Every step goes through the one prediction core (`dynboot.predict`: sampling, verifier scores from
-`dynboot.verify`) and the one choice rule (`dynboot.best_of_n.top_n`: highest score, ties to the lowest index); N=1
+Every step goes through the one prediction core (`dynboot.method.predict`: sampling, verifier scores from
+`dynboot.method.verify`) and the one choice rule (`dynboot.method.best_of_n.top_n`: highest score, ties to the lowest index); N=1
 is the rollout without verification. Step t of case i samples with `step_seed(seed, t, i)`, so a case's rollout does
 not depend on the other cases (the serve endpoint rolls one case with index 0 and gets the same candidates).
 A case whose step fails keeps the steps done before it and carries the error; the other cases go on.
@@ -22,15 +22,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dynboot.best_of_n import top_n
+from dynboot.method.best_of_n import top_n
 from dynboot.models.base import UnifiedModel
-from dynboot.pairs import load_examples
-from dynboot.predict import Item, PredictSettings, predict
+from dynboot.data.pairs import load_examples
+from dynboot.method.predict import Item, PredictSettings, predict
 from dynboot.world.actions import ActionError, apply_action, parse_action
 from dynboot.world.episodes import make_episode, pair_key
 from dynboot.world.render import parse, render
 from dynboot.world.scene import WorldSpec
-from dynboot.world_eval import spec_frame
+from dynboot.eval.world_eval import spec_frame
 
 __all__ = ["RolloutCase", "Rollout", "step_seed", "rollout", "world_cases", "training_transitions", "rollout_world_scores", "exact_by_step", "SEED_STRIDE"]
 
@@ -62,7 +62,7 @@ class Rollout:
 
 
 def step_seed(seed: int, step: int, index: int = 0) -> int:
-    """The sampling seed of step `step` (0-based) of case `index`: `dynboot.predict` adds the item index itself."""
+    """The sampling seed of step `step` (0-based) of case `index`: `dynboot.method.predict` adds the item index itself."""
     return seed + step * SEED_STRIDE + index
 
 

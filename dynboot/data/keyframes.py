@@ -11,17 +11,17 @@ Two strategies (`KeyframeConfig.strategy`):
 - `peaks` (the default: real footage) is the paper's: a motion score per frame from dense optical flow, the top
   K_f = `k` = 6 frames at least I_f = `min_gap` = 20 frames apart (or `min_gap_s` seconds, through the video's
   fps), consecutive key frames paired. The flow is scored with the camera's own motion removed and scene cuts
-  detected (dynboot/motion.py: FlowMotion), so a pan alone scores ~0 and a cut is never a peak. Key frames are
+  detected (dynboot/data/motion.py: FlowMotion), so a pan alone scores ~0 and a cut is never a peak. Key frames are
   chosen within shots and pairs never span a cut: the gap applies within a shot, and every shot chosen from
   gets at least two key frames (one alone would pair with nothing; see select_peaks). Only frames whose motion
   exceeds `min_motion` are candidates, so a still or merely panning clip has none.
 - `stills` is the embedded world's: the middle frame of every run of at least `min_still` frames with (almost)
-  no motion (dynboot/motion.py: BlockChanges). The world holds each key state for `hold` frames and shows the
+  no motion (dynboot/data/motion.py: BlockChanges). The world holds each key state for `hold` frames and shows the
   action in `transition` frames of motion between them (dynboot/world/episodes.py), so the still runs are exactly
   its key states and consecutive stills exactly the true pairs; peaks there would land mid-motion. The world's
   relabel runs set `keyframes.strategy=stills`.
 
-Every video ends as pairs or as a `VideoFault` (dynboot/video.py) naming its reason: `empty_file`, `unreadable`,
+Every video ends as pairs or as a `VideoFault` (dynboot/data/video.py) naming its reason: `empty_file`, `unreadable`,
 `too_short` (fewer frames than two key frames need), `no_keyframes` (frames, but no pair: e.g. no motion above
 `min_motion`, or a world clip without two still runs), `too_large` (a frame over `max_pixels`). Never an empty
 list in silence.
@@ -44,11 +44,11 @@ from typing import Any, Iterator, Literal
 import numpy as np
 from pydantic import Field
 
-from dynboot import storage
+from dynboot.io import storage
 from dynboot.config import Config
-from dynboot.images import ImagePolicy, encode_png
-from dynboot.motion import BlockChanges, FlowMotion, MotionTrack
-from dynboot.video import ArraySource, FrameSource, PyAVSource, VideoFault, open_video, thumbnail_shape
+from dynboot.io.images import ImagePolicy, encode_png
+from dynboot.data.motion import BlockChanges, FlowMotion, MotionTrack
+from dynboot.data.video import ArraySource, FrameSource, PyAVSource, VideoFault, open_video, thumbnail_shape
 
 __all__ = ["KeyframeConfig", "Keyframes", "Strategy", "as_policy", "gap_frames", "motion_track", "select_peaks",
            "select_stills", "select_keyframes", "consecutive_pairs", "keyframes_of", "extract_keyframes",
@@ -58,7 +58,7 @@ Strategy = Literal["peaks", "stills"]
 
 
 class KeyframeConfig(Config):
-    """How key frames are chosen in a video (see dynboot/keyframes.py)."""
+    """How key frames are chosen in a video (see dynboot/data/keyframes.py)."""
 
     strategy: Strategy = Field("peaks", description="peaks: the k frames of most (camera-compensated optical-flow) "
                                "motion, min_gap apart within a shot (the paper; real footage); stills: the middle "

@@ -77,7 +77,7 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def load_image(path: str | Path) -> np.ndarray:
     """An image file (local path or URI) as RGB uint8."""
-    from dynboot import storage
+    from dynboot.io import storage
 
     return decode_image(storage.read_bytes(path))
 
@@ -98,7 +98,7 @@ def _as_rgb_array(image) -> np.ndarray:
     if a.ndim != 3 or a.shape[-1] not in (3, 4):
         raise ValueError(f"an image must be [H, W, 3] (or a PIL image), got shape {list(a.shape)}")
     if a.dtype != np.uint8:
-        raise ValueError(f"an image array must be uint8, got {a.dtype} (decode files with dynboot.images.decode_image)")
+        raise ValueError(f"an image array must be uint8, got {a.dtype} (decode files with dynboot.io.images.decode_image)")
     return np.asarray(to_rgb(Image.fromarray(a))) if a.shape[-1] == 4 else a
 
 

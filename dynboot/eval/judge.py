@@ -43,12 +43,12 @@ from urllib.parse import urlsplit
 import numpy as np
 import openai
 
-from dynboot.images import decode_image, encode_png
+from dynboot.io.images import decode_image, encode_png
 
 __all__ = ["Judge", "JudgeError", "JudgeResult", "PROMPT_VERSION", "judge_prompt", "judge_api_key", "parse_scores",
            "as_png"]
 
-log = logging.getLogger("dynboot.judge")
+log = logging.getLogger("dynboot.eval.judge")
 
 PROMPT_VERSION = "viescore-tie-sc-0shot-v1"
 

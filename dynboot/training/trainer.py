@@ -1,7 +1,7 @@
 """The one training core for IDP and FDP: `TrainCore.step` computes a step, `TrainCore.run` logs it. The plain
 single-process loop and every Ray Train rank (jobs/train_worker.py) run this same core; they differ only in
 what steps the optimizer (`PlainStepper`: torch AdamW; the job: a DeepSpeed engine) and where batches come from
-(`ExampleSampler`: examples in memory; `dynboot.ingest.RankStream`: the streamed mixture).
+(`ExampleSampler`: examples in memory; `dynboot.data.ingest.RankStream`: the streamed mixture).
 
     model = TinyWorldModel.create(spec)
     loop = TrainLoop(model, LoopConfig(task="idp", steps=1000), examples, augment=world_augmenter(spec))
@@ -26,8 +26,9 @@ import torch
 from pydantic import Field
 
 from dynboot.config import Config
-from dynboot.models.base import Example, Task, UnifiedModel
-from dynboot.weights import Strategy, token_weights
+from dynboot.data.example import Example
+from dynboot.models.base import Task, UnifiedModel
+from dynboot.method.weights import Strategy, token_weights
 
 __all__ = ["LoopConfig", "lr_at", "build_optimizer", "make_batch", "Batches", "ExampleSampler", "Stepper",
            "PlainStepper", "TrainCore", "TrainLoop", "SEED_STRIDE"]
@@ -49,7 +50,7 @@ class LoopConfig(Config):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     beta2: float = Field(0.98, gt=0, lt=1, description="AdamW beta2 (beta1 = 0.9).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
-    weighting: Strategy = Field("relative", description="FDP recognition-weight strategy (dynboot/weights.py): the "
+    weighting: Strategy = Field("relative", description="FDP recognition-weight strategy (dynboot/method/weights.py): the "
                                 "paper's label-dependent relative/floor, relative_spread/relative_annealed, or the "
                                 "label-independent causal_spread/predicted_change/entropy.")
     weight_floor: float = Field(0.05, ge=0, description="Floor of the 'floor' weighting strategy.")
@@ -84,8 +85,8 @@ def build_optimizer(params, cfg: LoopConfig) -> torch.optim.Optimizer:
 
 def make_batch(model: UnifiedModel, examples: list[Example], task: Task, cfg: LoopConfig,
                step: int = 0) -> dict[str, torch.Tensor]:
-    """Collate a step's examples; FDP targets get recognition weights (dynboot.weights; `step` for schedules).
-    Images reach here already in the model's input size (dynboot.ingest applies the tokenizer's policy)."""
+    """Collate a step's examples; FDP targets get recognition weights (dynboot.method.weights; `step` for schedules).
+    Images reach here already in the model's input size (dynboot.data.ingest applies the tokenizer's policy)."""
     if task != "fdp":
         return model.collate(examples, task)
     weights = token_weights(model, examples, cfg.weighting, cfg.weight_floor, cfg.weight_alpha, step / cfg.steps,
@@ -101,7 +102,7 @@ class Batches(Protocol):
 
 class ExampleSampler:
     """Batches drawn with replacement from examples in memory (seeded; optional per-example weights): for tests,
-    benchmarks and small in-memory sets. The job streams instead (dynboot.ingest.RankStream)."""
+    benchmarks and small in-memory sets. The job streams instead (dynboot.data.ingest.RankStream)."""
 
     def __init__(self, examples: list[Example], seed: int, weights: np.ndarray | None = None):
         if not examples:

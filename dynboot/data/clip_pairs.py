@@ -13,7 +13,7 @@ the verb-noun narration of a clip is the action between its first and last frame
   outside the video, an empty label: a quarantine row with the reason (every clip is a pair or a reason).
 - Frames are fetched by index (seeking; never the whole video), one video open at a time per worker thread;
   videos on object storage are copied to a local temp file first (decoders read files).
-- Rows are in the pair schema (dynboot.pairs, source "gold", id `<video id>:<first>:<last>`), so `dynboot train`
+- Rows are in the pair schema (dynboot.data.pairs, source "gold", id `<video id>:<first>:<last>`), so `dynboot train`
   reads the output directory as a Parquet source.
 """
 
@@ -29,11 +29,11 @@ from typing import Any, Iterator, Literal
 
 import pyarrow.parquet as pq
 
-from dynboot import storage
-from dynboot.images import encode_png
-from dynboot.video import open_video
-from dynboot.manifest import video_id_of
-from dynboot.pairs import make_row, to_table
+from dynboot.io import storage
+from dynboot.io.images import encode_png
+from dynboot.data.video import open_video
+from dynboot.data.manifest import video_id_of
+from dynboot.data.pairs import make_row, to_table
 
 __all__ = ["ClipColumns", "read_clip_manifest", "clip_pairs", "write_clip_pairs", "parse_time"]
 

@@ -1,4 +1,4 @@
-"""The run-directory contract shared by every job; a run directory is a local path or a URI (dynboot.storage).
+"""The run-directory contract shared by every job; a run directory is a local path or a URI (dynboot.io.storage).
 
     <run>/config.yaml     resolved config; a rerun compares its own config with it (`RunDir.open`)
     <run>/metrics.jsonl   one JSON object per line, appended as the job goes
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from dynboot import storage
+from dynboot.io import storage
 
 if TYPE_CHECKING:
     from dynboot.config import Config
@@ -129,7 +129,7 @@ class RunDir:
     def root(self) -> Path:
         """The directory as a local Path (local run directories only)."""
         if self.remote:
-            raise ValueError(f"{self.uri_root} is on object storage: use RunDir.uri(...) and dynboot.storage")
+            raise ValueError(f"{self.uri_root} is on object storage: use RunDir.uri(...) and dynboot.io.storage")
         return Path(self.uri_root)
 
     def uri(self, *parts: str) -> str:

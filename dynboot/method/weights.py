@@ -51,7 +51,8 @@ import torch
 from dynboot.models.base import ImageTokenizer
 
 if TYPE_CHECKING:
-    from dynboot.models.base import Example, UnifiedModel
+    from dynboot.data.example import Example
+    from dynboot.models.base import UnifiedModel
 
 Strategy = Literal["none", "relative", "floor", "relative_spread", "relative_annealed", "causal_spread",
                    "predicted_change", "entropy"]

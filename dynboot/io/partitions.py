@@ -1,7 +1,7 @@
 """Partitioned, committed output: Parquet files of many videos each, every one committed atomically with a small
 record that says what it holds, so that readers and reruns never list or open files to know what is done.
 
-    <run>/shards/<part>.parquet        pair rows (dynboot.pairs.PAIR_SCHEMA) of the partition's videos
+    <run>/shards/<part>.parquet        pair rows (dynboot.data.pairs.PAIR_SCHEMA) of the partition's videos
     <run>/quarantine/<part>.jsonl      {video_id, path, stage, reason, error_class, error, attempts} a line
     <run>/commits/<part>.json          the commit record: which videos (status, pairs, reason), which files
     <run>/commits/_index-*.parquet     commit records compacted: one row per committed video (INDEX_SCHEMA)
@@ -37,14 +37,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dynboot import storage
+from dynboot.io import storage
 
 __all__ = ["INDEX_SCHEMA", "QUARANTINE_FIELDS", "Committed", "partition_id", "mark_dataset", "dataset_root",
            "commit_partition", "record_rows", "load_index", "compact", "recover", "committed_files", "done_ids",
            "latest_quarantine", "read_quarantine_rows"]
 
 Committed = Literal["ok", "quarantined"]  # what a commit record says of a video
-FORMAT = {"format": "dynboot.partitions", "version": 1}
+FORMAT = {"format": "dynboot.io.partitions", "version": 1}
 QUARANTINE_FIELDS = ("video_id", "path", "stage", "reason", "error_class", "error", "attempts")
 INDEX_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("status", pa.string()), ("pairs", pa.int64()), ("reason", pa.string()),

@@ -225,7 +225,7 @@ def read_video(path: str | Path) -> tuple[np.ndarray, str]:
     """All frames [T, H, W, 3] uint8 of a small video and the decoder that produced them ('decord' or 'pyav').
 
     Holds the whole video: for tests and the embedded world's 40 px clips, never for real footage (use
-    dynboot.keyframes.video_keyframes, which holds thumbnails and key frames only)."""
+    dynboot.data.keyframes.video_keyframes, which holds thumbnails and key frames only)."""
     src = open_video(path)
     try:
         frames = [f for _, f in src.frames()]

@@ -13,7 +13,7 @@
     label       the source video's class ("" when it has none): what the filter stratifies by
 
 Files written before `dataset` / `label` existed read with both as "". `read_pairs` reads what
-`dynboot.partitions.committed_files` lists: the committed files of a relabel / filter run, never a file that
+`dynboot.io.partitions.committed_files` lists: the committed files of a relabel / filter run, never a file that
 a killed job left half-done.
 """
 
@@ -29,13 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dynboot import storage
-from dynboot.aurora import read_aurora
-from dynboot.partitions import committed_files
-from dynboot.images import encode_png, load_image
+from dynboot.io import storage
+from dynboot.data.aurora import read_aurora
+from dynboot.io.partitions import committed_files
+from dynboot.io.images import encode_png, load_image
 
 if TYPE_CHECKING:  # imported where used: torch (via models.base) would slow every Ray worker that writes rows
-    from dynboot.models.base import Example
+    from dynboot.data.example import Example
 
 PAIR_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -96,7 +96,7 @@ def conform(table: pa.Table) -> pa.Table:
 
 def read_pairs(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """All pair rows of a relabel / filter run (its committed files), a shard directory or one file, local or a
-    URI (see dynboot.partitions.committed_files)."""
+    URI (see dynboot.io.partitions.committed_files)."""
     files = committed_files(str(path))
     schema = PAIR_SCHEMA if columns is None else pa.schema([PAIR_SCHEMA.field(c) for c in columns])
     if not files:
@@ -127,7 +127,7 @@ def gold_rows(aurora_json: str | Path, name: str | None = None) -> Iterator[dict
 
 def load_examples(aurora_json: str | Path, limit: int | None = None) -> list[Example]:
     """Gold examples from an AURORA JSON file, images decoded."""
-    from dynboot.models.base import Example
+    from dynboot.data.example import Example
 
     aurora_json = Path(aurora_json)
     out = []

@@ -1,5 +1,5 @@
 """Inference-time verification: sample N candidates from the FDP, score each with a verifier score
-(dynboot.verify: the paper's IDP action log-prob by default), return the best with all scores (paper §3.3).
+(dynboot.method.verify: the paper's IDP action log-prob by default), return the best with all scores (paper §3.3).
 
 The N candidates of a request come from one batched `sample` call; their scores from one batched call per
 model on the codes (no decode / re-encode round trip).
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dynboot.models.base import UnifiedModel
-from dynboot.verify import Verifier, VerifierScore, verification_scores
+from dynboot.method.verify import Verifier, VerifierScore, verification_scores
 
 
 @dataclass

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from dynboot import storage
-from dynboot.images import encode_png
-from dynboot.rundir import atomic_write_bytes, write_json
+from dynboot.io import storage
+from dynboot.io.images import encode_png
+from dynboot.io.rundir import atomic_write_bytes, write_json
 
 __all__ = ["AuroraRecord", "AuroraSet", "read_aurora", "write_aurora", "aurora_sets", "image_root", "image_uri",
            "BenchmarkRefused"]

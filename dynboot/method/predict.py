@@ -9,7 +9,7 @@ benchmarks all call `predict`, so the same models, items and seed give the same 
 Decisions made here and nowhere else:
 - seeding: item i's candidates are `fdp.sample(before_i, [action_i], n=M, seed=seed + index_i)`, one call per
   item, so results do not depend on how items are batched or spread over actors;
-- how candidates are ranked: `settings.verifier` (dynboot.verify: the paper's IDP score by default; the IDP reads
+- how candidates are ranked: `settings.verifier` (dynboot.method.verify: the paper's IDP score by default; the IDP reads
   the candidates' codes when it shares the FDP's image tokenizer, else their decoded images);
 - the greedy sample and the captions are computed per item too (left padding in a batch could flip a tie).
 A failing item becomes a `Prediction` with `error` set; the others are unaffected.
@@ -26,7 +26,7 @@ from pydantic import Field
 
 from dynboot.config import Config
 from dynboot.models.base import UnifiedModel
-from dynboot.verify import Verifier, verification_scores
+from dynboot.method.verify import Verifier, verification_scores
 
 __all__ = ["Item", "Prediction", "PredictSettings", "predict"]
 
@@ -41,7 +41,7 @@ class PredictSettings(Config):
     seed: int = Field(0, description="Item i samples with seed + its index.")
     greedy: bool = Field(True, description="Also one greedy (temperature 0) FDP sample per item.")
     captions: bool = Field(True, description="IDP captions of (before, after) for items that have an after image.")
-    verifier: Verifier = Field(default_factory=Verifier, description="How candidates are ranked (dynboot.verify).")
+    verifier: Verifier = Field(default_factory=Verifier, description="How candidates are ranked (dynboot.method.verify).")
     decode: bool = Field(False, description="Also decode the candidates and the greedy sample to images (for a judge, "
                          "a report, or a caller without the FDP's tokenizer).")
 
