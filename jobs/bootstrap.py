@@ -169,7 +169,6 @@ def _back_translate(cfg: BootstrapConfig, world: Path, d: dict[str, Path], k: in
     from dynboot.models.registry import load_model
     from dynboot.pairs import make_row, read_pairs, to_table
     from dynboot.partitions import commit_partition, mark_dataset, partition_id
-    from dynboot.world.actions import parse_action
     from dynboot.world.generate import load_spec
 
     out, bt = d["backtranslate"], cfg.back_translation
@@ -225,14 +224,16 @@ def _back_translate(cfg: BootstrapConfig, world: Path, d: dict[str, Path], k: in
     (out / "prompts.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ledger))
     summary = {"round": k, "threshold": threshold if np.isfinite(threshold) else None,  # None: nothing kept "calibration": calibration, "prompted": len(todo),
                "generated": len(made), "pairs_kept": len(rows), "quarantined": len(quarantine),
-               "accuracy_before": _accuracy(spec, ledger, parse_action, kept_only=False),
-               "accuracy_after": _accuracy(spec, ledger, parse_action, kept_only=True)}
+               "accuracy_before": _accuracy(spec, ledger, kept_only=False),
+               "accuracy_after": _accuracy(spec, ledger, kept_only=True)}
     write_json(out / "summary.json", summary)
     return summary
 
 
-def _accuracy(spec, ledger: list[dict], parse_action, kept_only: bool) -> dict:
+def _accuracy(spec, ledger: list[dict], kept_only: bool) -> dict:
     """World-truth accuracy of generated pairs (all, or the kept ones), overall and per prompted action type."""
+    from dynboot.world.actions import parse_action
+
     rows = [e for e in ledger if e["correct"] is not None and (e["kept"] or not kept_only)]
     by: dict[str, list[bool]] = {}
     for e in rows:
@@ -256,8 +257,7 @@ def round_row(record: dict) -> dict:
 def run_rounds(cfg: BootstrapConfig, world: Path, first_round: dict[str, Path] | None = None) -> dict:
     """The rounds under cfg.out with the world in `world` (Ray must be initialised; the quickstart can call this
     with its own round-0 folders as `first_round`). Returns the summary (per-round records, table, stop)."""
-    from dynboot.report import md_table, write_report
-    from dynboot.world.generate import load_spec  # noqa: F401 - fails early on a directory that is not a world
+    from dynboot.report import md_table, score_vs_n_plot, write_report
 
     root, log = Path(cfg.out), RunDir(cfg.out)
     val, test = _splits(world, cfg.val)
@@ -300,8 +300,12 @@ def run_rounds(cfg: BootstrapConfig, world: Path, first_round: dict[str, Path] |
     table = md_table([round_row(r) for r in records])
     summary = {"rounds_run": len(records), "best_round": best, "stopped": stop or None, "table": [round_row(r) for r in records],
                "records": records, "seconds": times}
+    curves = {"IDP exact": "idp", "FDP exact": "fdp_test", "FDP val (stop rule)": "fdp_val"}
+    score_vs_n_plot(root / "rounds.png", {name: {r["round"]: r[key]["exact"] for r in records} for name, key in curves.items()}
+                    | {f"best-of-{max(cfg.ns)}": {r["round"]: r["best_of_n"][str(max(cfg.ns))]["exact"] for r in records}},
+                    "exact match", xlabel="round", log2_x=False)
     write_report(root / "report.md", "dynboot bootstrap: iterated rounds", [
-        ("Per round (test split; FDP val = the validation split the stop rule reads)", table),
+        ("Per round (test split; FDP val = the validation split the stop rule reads)", table + "\n\n![rounds](rounds.png)"),
         ("Stop", stop or f"ran all {cfg.rounds} rounds"), ("Best round", f"round {best} (its FDP: {round_dirs(root, best, first_round)['fdp'] / 'model'})")])
     return summary
 
@@ -326,8 +330,8 @@ def run(cfg: BootstrapConfig) -> dict:
                 ray.shutdown()
         summary["seconds"]["total_this_run"] = round(time.time() - t0, 1)
         rd.write_summary(summary)
-    print("\n" + "\n".join(md_row for md_row in [f"best round: {summary['best_round']}",
-                                                  f"stop: {summary['stopped'] or 'all rounds ran'}"]), flush=True)
+    print(f"\nbest round: {summary['best_round']}; stop: {summary['stopped'] or 'all rounds ran'}; "
+          f"report: {Path(cfg.out) / 'report.md'}", flush=True)
     return summary
 
 
