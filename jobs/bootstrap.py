@@ -222,7 +222,9 @@ def _back_translate(cfg: BootstrapConfig, world: Path, d: dict[str, Path], k: in
     commit_partition(str(out), partition_id([f"bt{k}"] + [e["video_id"] for e in ledger]),
                      to_table(rows) if rows else None, quarantine, videos)
     (out / "prompts.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ledger))
-    summary = {"round": k, "threshold": threshold if np.isfinite(threshold) else None,  # None: nothing kept "calibration": calibration, "prompted": len(todo),
+    summary = {"round": k, "threshold": threshold if np.isfinite(threshold) else None,  # None: nothing kept
+               "calibration": calibration | {"threshold": calibration["threshold"] if np.isfinite(calibration["threshold"]) else None},
+               "prompted": len(todo),
                "generated": len(made), "pairs_kept": len(rows), "quarantined": len(quarantine),
                "accuracy_before": _accuracy(spec, ledger, kept_only=False),
                "accuracy_after": _accuracy(spec, ledger, kept_only=True)}

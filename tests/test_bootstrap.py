@@ -47,15 +47,16 @@ def test_world_correct_and_prompts(small_world):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # four Ray Train runs and two relabel jobs: their start-up dominates on a loaded box
 def test_bootstrap_rounds_small(tmp_path):
     from dynboot.pairs import read_pairs
     from jobs.bootstrap import BootstrapConfig, run
 
     out = tmp_path / "bs"
     # min_improvement=1: no round can beat round 0 by a whole exact-match point, so rounds=3 stops after round 1
-    cfg = BootstrapConfig(out=str(out), rounds=3, gold=120, videos=6, test=40, val=20, idp_steps=20, fdp_steps=10,
+    cfg = BootstrapConfig(out=str(out), rounds=3, gold=80, videos=4, test=30, val=12, idp_steps=10, fdp_steps=6,
                           batch_size=8, ns=[1, 2], min_score=-1e9, min_improvement=1.0, num_cpus=4,
-                          back_translation={"frames": 12, "candidates": 2, "threshold": -1e9})
+                          back_translation={"frames": 8, "candidates": 2, "threshold": -1e9})
     # (a fixed threshold: an FDP this small gets no validation pair right, so the calibrated one keeps nothing)
     summary = run(cfg)
     assert summary["rounds_run"] == 2 and summary["stopped"] and summary["best_round"] == 0
@@ -66,12 +67,12 @@ def test_bootstrap_rounds_small(tmp_path):
         assert set(rec["idp"]["by_type"]) <= {"move", "remove", "add", "swap"} and rec["idp"]["by_type"]
         assert rec["pseudo_labels"]["pairs"] > 0 and "accuracy" in rec["pseudo_labels_kept"]
         assert 0 <= rec["fdp_test"]["exact"] <= 1 and set(rec["best_of_n"]) == {"1", "2"}
-        assert rec["test_pairs"] == 20 and rec["val_pairs"] == 20
+        assert rec["test_pairs"] == 18 and rec["val_pairs"] == 12
 
     # back-translation of round 0 fed round 1's IDP: every prompt is accounted for, kept rows carry provenance
     bt = json.loads((out / "round_0" / "backtranslate" / "summary.json").read_text())
     ledger = [json.loads(x) for x in (out / "round_0" / "backtranslate" / "prompts.jsonl").read_text().splitlines()]
-    assert len(ledger) == 12 and bt["pairs_kept"] == sum(e["kept"] for e in ledger)
+    assert len(ledger) == 8 and bt["pairs_kept"] == sum(e["kept"] for e in ledger)
     assert all(e["kept"] or e["reason"] for e in ledger)
     table = read_pairs(out / "round_0" / "backtranslate").to_pylist()
     assert len(table) == bt["pairs_kept"]
@@ -80,7 +81,7 @@ def test_bootstrap_rounds_small(tmp_path):
         assert prov["kind"] == "back_translation" and prov["round"] == 0 and prov["prompt"] == row["action"]
         assert row["score"] >= prov["threshold"] == bt["threshold"] == -1e9 and row["dataset"] == "backtranslate"
         assert row["source"] == "pseudo" and row["video_id"].endswith("~bt0") and prov["source_pair"]
-    assert bt["pairs_kept"] == bt["generated"] > 0 and bt["calibration"]["pairs"] == 20
+    assert bt["pairs_kept"] == bt["generated"] > 0 and bt["calibration"]["pairs"] == 12
     assert str(out / "round_0" / "backtranslate") in (out / "round_1" / "idp" / "config.yaml").read_text()
     assert summary["records"][1]["bt_pairs"] == bt["pairs_kept"]
 
