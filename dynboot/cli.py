@@ -3,7 +3,7 @@
     dynboot world [CFG.yaml] [key=value ...]      generate the embedded world (library code)
     dynboot init-model backend=... out=...        a random checkpoint of a real backend (library code)
     dynboot convert-vqgan ckpt=...                the released vqgan.ckpt -> vqgan.safetensors, once (library code)
-    dynboot relabel|train|eval|rollout|quickstart ...     run the job module `jobs.<name>` (the same program that
+    dynboot relabel|train|eval|rollout|quickstart|bootstrap ... run the job module `jobs.<name>` (the same program that
                                                   `ray job submit -- python -m jobs.<name>` runs)
     dynboot serve ...                             run the Serve app (`serve.run_local`)
 
@@ -38,6 +38,7 @@ JOBS = {
     "rollout": ("jobs.rollout", "multi-step rollouts on held-out world episodes: exact match at step 1..k per N"),
     "serve": ("serve.run_local", "start the best-of-N Serve app locally"),
     "quickstart": ("jobs.quickstart", "the whole bootstrapping loop on the embedded world"),
+    "bootstrap": ("jobs.bootstrap", "iterated bootstrapping rounds (rounds=K) on the embedded world"),
 }
 
 

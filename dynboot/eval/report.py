@@ -119,8 +119,10 @@ def rollout_strip(path: str | Path, start: np.ndarray, actions: Sequence[str], r
     return _save(fig, path)
 
 
-def score_vs_n_plot(path: str | Path, curves: dict[str, dict[int, float]], ylabel: str, title: str = "") -> Path:
-    """Lines of value against N (log2 x axis), one per curve; NaN points are skipped."""
+def score_vs_n_plot(path: str | Path, curves: dict[str, dict[int, float]], ylabel: str, title: str = "",
+                    xlabel: str = "N (candidates per request)", log2_x: bool = True) -> Path:
+    """Lines of value against N (log2 x axis; `log2_x=False` for a linear one, e.g. rounds), one per curve; NaN
+    points are skipped."""
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     ticks: set[int] = set()
@@ -131,10 +133,11 @@ def score_vs_n_plot(path: str | Path, curves: dict[str, dict[int, float]], ylabe
         if keep:
             ax.plot([x for x, _ in keep], [y for _, y in keep], marker="o", label=name)
             ticks |= {x for x, _ in keep}
-    ax.set_xscale("log", base=2)
+    if log2_x:
+        ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
     ax.minorticks_off()
-    ax.set_xlabel("N (candidates per request)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=9)
