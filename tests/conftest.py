@@ -37,3 +37,15 @@ def small_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")
     generate_world(WorldConfig(out=str(out), gold=200, videos=12, test=100, seed=0, workers=1))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests: they gain nothing from intra-op threads and lose a lot
+    when the cores are shared (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

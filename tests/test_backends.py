@@ -22,13 +22,7 @@ BACKENDS = ["anole", "liquid", "janus"]
 ACTIONS = ["move the red circle left", "swap the blue square and the red triangle", "remove a circle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose a lot when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def build(name: str):

@@ -15,12 +15,7 @@ from dynboot.data.example import Example
 from dynboot.models.registry import backend_class, load_model, policy_of_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("backend", ["anole", "liquid", "janus"])

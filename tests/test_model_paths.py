@@ -25,12 +25,7 @@ ACTIONS = ["move the red circle left", "swap the blue square and the red triangl
 SPEC = WorldSpec()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def build(name: str):
