@@ -38,6 +38,7 @@ from dynboot.eval.back_translation import BackTranslation
 from dynboot.cli import job_main
 from dynboot.config import Config
 from dynboot.io.rundir import ResumeMode, RunDir, write_json
+from dynboot.models.base import TinySize
 
 STAGES = ("idp", "relabel", "filter", "fdp", "eval", "backtranslate")
 
@@ -56,7 +57,7 @@ class BootstrapConfig(Config):
     val: int = Field(100, ge=10, description="The first `val` held-out pairs are the validation split (stop rule, "
                      "back-translation threshold); the rest are the test pairs.")
     seed: int = Field(0, description="World seed; round k's prompts and samples use seed + k.")
-    size: str = Field("xs", description="Tiny model size (xxs, xs, s, m).")
+    size: TinySize = Field("xs", description="Tiny model size (xxs, xs, s, m).")
     idp_steps: int = Field(900, ge=1, description="IDP optimiser steps, every round (each round trains from scratch).")
     fdp_steps: int = Field(450, ge=1, description="FDP optimiser steps, every round.")
     batch_size: int = Field(64, ge=1, description="Pairs per step.")

@@ -26,7 +26,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from dynboot.data.aurora import read_aurora
 from dynboot.io.images import decode_image, encode_png
@@ -34,6 +34,7 @@ from dynboot.cli import job_main
 from dynboot.config import Config
 from dynboot.io.rundir import ResumeMode, RunDir, append_jsonl, atomic_write_bytes, write_json
 from dynboot.method.verify import Verifier
+from dynboot.method.predict import BestOfNs
 
 AURORA_SUBSETS = ["magicbrush", "ag", "something", "whatsup", "kubric"]  # the 5 with targets (paper §5.1)
 
@@ -52,7 +53,7 @@ class EvalConfig(Config):
     fdp_path: str = Field("", description="FDP checkpoint dir; empty = no FDP evaluation.")
     idp_path: str = Field("", description="IDP checkpoint dir (verifier + captions); empty = no IDP, N=1 only.")
     backend: str = Field("", description="Backend name; empty = read from each checkpoint's dynboot.json.")
-    n: list[int] = Field([1, 2, 4, 8], description="Best-of-N values; max(n) samples per item, reused by every N.")
+    n: BestOfNs = Field([1, 2, 4, 8], description="Best-of-N values; max(n) samples per item, reused by every N.")
     temperature: float = Field(1.0, ge=0, description="FDP sampling temperature (paper: 1).")
     top_k: int = Field(0, ge=0, description="FDP top-k (0 = off).")
     seed: int = Field(0, description="Sampling seed; item i samples with seed + i.")
@@ -84,13 +85,6 @@ class EvalConfig(Config):
     resume: ResumeMode = Field("auto", description="auto: a rerun predicts only the items not yet predicted (its "
                                "config must match the recorded one, but for the fields a rerun may change); force: "
                                "even if it differs; off: set the old predictions aside and start over.")
-
-    @field_validator("n")
-    @classmethod
-    def _n_positive(cls, v: list[int]) -> list[int]:
-        if not v or min(v) < 1:
-            raise ValueError("n must be a non-empty list of values >= 1")
-        return sorted(set(v))
 
 
 # ---- 1. load ---------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from dynboot.io.console import duration, say
 from dynboot.io.ray_session import ray_session
 from dynboot.io.rundir import RunDir
 from dynboot.io.tracking import TrackingKind, open_tracker
+from dynboot.models.base import TinySize
 
 from jobs.quickstart_eval import ablation_weighting, evaluate_stage, write_quickstart_report
 
@@ -50,7 +51,7 @@ class QuickstartConfig(Config):
     videos: int = Field(400, ge=1, description="Unlabelled episode videos (8 key-frame pairs each).")
     test: int = Field(300, ge=10, description="Held-out test pairs.")
     seed: int = Field(0, description="World seed.")
-    size: str = Field("xs", description="Tiny model size (xxs, xs, s, m).")
+    size: TinySize = Field("xs", description="Tiny model size (xxs, xs, s, m).")
     idp_steps: int = Field(900, ge=1, description="IDP optimiser steps.")
     fdp_steps: int = Field(450, ge=1, description="Optimiser steps of each FDP run.")
     batch_size: int = Field(64, ge=1, description="Pairs per step.")

@@ -27,12 +27,13 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config
 from dynboot.io.rundir import ConfigChanged, ResumeMode, RunDir, RunDirBusy, append_jsonl, atomic_write_bytes, write_json
 from dynboot.method.verify import NEEDS_IDP, Verifier
+from dynboot.method.predict import BestOfNs
 
 ROWS = pa.schema([("index", pa.int64()), ("step", pa.int64()), ("action", pa.string()), ("png", pa.binary()),
                   ("chosen", pa.int64()), ("scores", pa.list_(pa.float64())), ("exact", pa.bool_()),
@@ -52,7 +53,7 @@ class RolloutConfig(Config):
     backend: str = Field("", description="Backend name; empty = read from each checkpoint's dynboot.json.")
     episodes: int = Field(100, ge=1, description="Held-out episodes rolled out (each from its own seeded stream).")
     steps: int = Field(4, ge=1, le=32, description="Actions per episode (k: exact match is reported at step 1..k).")
-    n: list[int] = Field([1, 8], description="Candidates per step to roll out with; N=1 is the rollout without "
+    n: BestOfNs = Field([1, 8], description="Candidates per step to roll out with; N=1 is the rollout without "
                          "verification, every larger N keeps the verifier's best at each step.")
     temperature: float = Field(1.0, ge=0, description="FDP sampling temperature (the paper: 1).")
     top_k: int = Field(0, ge=0, description="FDP top-k (0 = off).")
@@ -66,13 +67,6 @@ class RolloutConfig(Config):
     out: str = Field("runs/rollout", description="Run directory.")
     resume: ResumeMode = Field("auto", description="auto: a rerun rolls out only the N values not yet done (same "
                                "config but for threads / strips / results); force: even if it differs; off: start over.")
-
-    @field_validator("n")
-    @classmethod
-    def _n_positive(cls, v: list[int]) -> list[int]:
-        if not v or min(v) < 1:
-            raise ValueError("n must be a non-empty list of values >= 1")
-        return sorted(set(v))
 
 
 def _ns(cfg: RolloutConfig) -> list[int]:

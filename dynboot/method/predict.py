@@ -18,17 +18,27 @@ A failing item becomes a `Prediction` with `error` set; the others are unaffecte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from dynboot.config import Config
 from dynboot.models.base import UnifiedModel
 from dynboot.method.verify import Verifier, verification_scores
 
-__all__ = ["Item", "Prediction", "PredictSettings", "predict"]
+__all__ = ["BestOfNs", "Item", "Prediction", "PredictSettings", "predict"]
+
+
+def _best_of_ns(v: list[int]) -> list[int]:
+    if not v or min(v) < 1:
+        raise ValueError("n must be a non-empty list of values >= 1")
+    return sorted(set(v))
+
+
+# The N values a config evaluates best-of-N at: non-empty, each >= 1, sorted, without repeats.
+BestOfNs = Annotated[list[int], AfterValidator(_best_of_ns)]
 
 
 class PredictSettings(Config):
