@@ -61,5 +61,6 @@ class RelabelConfig(Config):
     ray_address: str = Field("", description="Ray cluster to join ('' = RAY_ADDRESS or a new local cluster).")
     num_cpus: int = Field(0, ge=0, description="Logical CPUs of a new local cluster (0 = all cores).")
     progress_s: float = Field(5.0, gt=0, description="Seconds between progress lines.")
-    fault_injection: Literal["", "cuda_once"] = Field("", description="Tests only: cuda_once makes the first IDP "
-                                                      "call raise a CUDA device-side assert (once per run directory).")
+    fault_injection: Literal["", "cuda_once", "stall_after_2_commits"] = Field(
+        "", description="Tests only: cuda_once makes the first IDP call raise a CUDA device-side assert (once per run "
+        "directory); stall_after_2_commits makes every commit after the second hang (a job to kill mid-run).")

@@ -30,7 +30,7 @@ from dynboot.io import storage
 from dynboot.data.keyframes import video_keyframes
 from dynboot.data.pairs import make_row, to_table
 from dynboot.data.video import VideoFault
-from dynboot.io.partitions import commit_partition, partition_id
+from dynboot.io.partitions import commit_partition, load_index, partition_id
 from jobs.relabel_ledger import Ledger
 
 if TYPE_CHECKING:
@@ -255,6 +255,8 @@ def write_stage(batch: pa.Table, cfg: RelabelConfig) -> pa.Table:
         t0 = time.perf_counter()
         ok = [r for r in group if r["status"] == "ok"]
         bad = [r for r in group if r["status"] == "quarantined"]
+        if cfg.fault_injection == "stall_after_2_commits" and len(set(load_index(cfg.out)["partition"].to_pylist())) >= 2:
+            time.sleep(3600)  # until the test kills the job: a kill that lands mid-run however fast the machine is
         try:
             table = to_table([p for r in ok for p in _pair_rows(r, cfg)]) if ok else None
             record = commit_partition(cfg.out, partition_id(r["video_id"] for r in group), table,

@@ -133,12 +133,13 @@ def test_rerun_does_nothing(reference, idp, small_world):
 
 @pytest.mark.slow  # a relabel run or two on a real cluster: ~30-100 s on 2 shared cores
 def test_resume_after_the_job_is_killed_mid_run(cluster, reference, idp, small_world, tmp_path):
-    """SIGKILL the driver once some partitions are committed; the rerun finishes the rest: same rows, each once,
+    """SIGKILL the driver once two partitions are committed (later commits stall); the rerun finishes the rest: same rows, each once,
     and the files of partitions the killed run had not committed are gone."""
     out = tmp_path / "run"
     args = [sys.executable, "-m", "jobs.relabel", f"videos={small_world / 'videos'}", f"out={out}",
             f"model_path={idp}", "batch_size=8", "videos_per_batch=1", "decode_cpus=1.0", "rows_per_file=16",
-            "pairs_per_video=8", "progress_s=60", f"ray_address={cluster}", "keyframes.strategy=stills"]
+            "pairs_per_video=8", "progress_s=60", f"ray_address={cluster}", "keyframes.strategy=stills",
+            "fault_injection=stall_after_2_commits"]  # later commits hang: the kill lands mid-run on any machine
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
