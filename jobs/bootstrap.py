@@ -40,6 +40,8 @@ from dynboot.config import Config
 from dynboot.io.rundir import ResumeMode, RunDir, write_json
 from dynboot.models.base import TinySize
 
+__all__ = ["BootstrapConfig", "run", "run_rounds", "relabel_and_filter", "round_dirs", "should_stop", "round_row"]
+
 STAGES = ("idp", "relabel", "filter", "fdp", "eval", "backtranslate")
 
 
@@ -94,17 +96,14 @@ def should_stop(val_exact: list[float], min_improvement: float = 0.0) -> bool:
 
 
 def _train(cfg: BootstrapConfig, world: Path, out: Path, task: str, data: list[dict], steps: int) -> None:
-    from jobs.train import TrainConfig, run as train
+    from jobs.train import run as train
+    from jobs.train_config import world_train_config
 
     if _done(out):
         return
-    train(TrainConfig.model_validate({
-        "task": task, "data": data, "out": str(out), "steps": steps, "batch_size": cfg.batch_size, "size": cfg.size,
-        "weighting": cfg.weighting, "num_workers": 1, "cpus_per_worker": 1.0, "threads": 2, "zero_stage": cfg.zero_stage,
-        # train-time evaluation (logged only, it selects nothing) reads validation pairs: the first of test.json
-        "eval_data": str(world / "test"), "eval_limit": min(cfg.val, 64),
-        "eval_every": max(steps // 4, 1), "checkpoint_every": max(steps // 2, 1),
-    }))
+    # train-time evaluation (logged only, it selects nothing) reads validation pairs: the first of test.json
+    train(world_train_config(task, data, str(out), steps, str(world / "test"), batch_size=cfg.batch_size, size=cfg.size,
+                             weighting=cfg.weighting, zero_stage=cfg.zero_stage, eval_limit=min(cfg.val, 64)))
 
 
 def _kept(stage: Path) -> int:
@@ -112,17 +111,19 @@ def _kept(stage: Path) -> int:
     return int(json.loads((stage / "summary.json").read_text()).get("pairs_kept", 0)) if _done(stage) else 0
 
 
-def _relabel_and_filter(cfg: BootstrapConfig, world: Path, d: dict[str, Path]) -> None:
+def relabel_and_filter(world: Path, idp: Path, relabel: Path, filt: Path, min_score: float) -> None:
+    """Stage 3 of the loop on the embedded world (the quickstart's and every round's): the IDP in `idp` labels the
+    world's videos into `relabel`, the score threshold keeps what reaches `min_score` in `filt`; a stage with a
+    summary.json is not redone."""
     from jobs.filter import FilterConfig, run as filter_run
     from jobs.relabel import RelabelConfig, run as relabel_run
 
-    if not _done(d["relabel"]):
-        relabel_run(RelabelConfig(videos=str(world / "videos"), out=str(d["relabel"]), model_path=str(d["idp"] / "model"),
+    if not _done(relabel):
+        relabel_run(RelabelConfig(videos=str(world / "videos"), out=str(relabel), model_path=str(idp / "model"),
                                   backend="", idp_cpus=1.0, batch_size=64, videos_per_batch=16,
                                   keyframes={"strategy": "stills"}))  # the world's key states are its stills
-    if not _done(d["filter"]):
-        filter_run(FilterConfig(shards=str(d["relabel"]), out=str(d["filter"]), mode="enable", min_score=cfg.min_score,
-                                top_k=0))
+    if not _done(filt):
+        filter_run(FilterConfig(shards=str(relabel), out=str(filt), mode="enable", min_score=min_score, top_k=0))
 
 
 def _splits(world: Path, val: int):
@@ -278,7 +279,7 @@ def run_rounds(cfg: BootstrapConfig, world: Path, first_round: dict[str, Path] |
             bt_kept = _kept(prev["backtranslate"])
             idp_data += [{"path": str(prev["backtranslate"]), "weight": float(bt_kept)}] if bt_kept else []
         _train(cfg, world, d["idp"], "idp", idp_data, cfg.idp_steps)
-        _relabel_and_filter(cfg, world, d)
+        relabel_and_filter(world, d["idp"], d["relabel"], d["filter"], cfg.min_score)
         kept = _kept(d["filter"])
         _train(cfg, world, d["fdp"], "fdp", [gold] + ([{"path": str(d["filter"] / "shards"), "weight": float(kept)}]
                                              if kept else []), cfg.fdp_steps)
@@ -313,7 +314,9 @@ def run_rounds(cfg: BootstrapConfig, world: Path, first_round: dict[str, Path] |
     return summary
 
 
-def run(cfg: BootstrapConfig) -> dict:
+def run(cfg: BootstrapConfig, first_round: dict[str, Path] | None = None) -> dict:
+    """The job: `cfg.out`'s run directory around `run_rounds` (a world generated unless `cfg.world` names one; a
+    local Ray cluster unless one is running). The quickstart's `rounds=` calls this with its own round-0 folders."""
     import ray
 
     from dynboot.world.generate import WorldConfig, generate_world
@@ -327,7 +330,7 @@ def run(cfg: BootstrapConfig) -> dict:
         if started:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
         try:
-            summary = run_rounds(cfg, world)
+            summary = run_rounds(cfg, world, first_round)
         finally:
             if started:
                 ray.shutdown()

@@ -32,12 +32,14 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config, save_config
+from dynboot.eval.back_translation import BackTranslation
 from dynboot.io.console import duration, say
 from dynboot.io.ray_session import ray_session
 from dynboot.io.rundir import RunDir
 from dynboot.io.tracking import TrackingKind, open_tracker
 from dynboot.models.base import TinySize
 
+from jobs.bootstrap import relabel_and_filter
 from jobs.quickstart_eval import ablation_weighting, evaluate_stage, write_quickstart_report
 
 __all__ = ["QuickstartConfig", "run", "train_fdp_runs"]
@@ -78,8 +80,19 @@ class QuickstartConfig(Config):
     train_exact: bool = Field(False, description="Also greedy exact match at each training evaluation (off: held-out "
                               "loss only; stage 5 measures every model on the whole test split, and greedy FDP "
                               "generation during training cost more than the training itself on 2 cores).")
-    fdp_parallel: bool = Field(True, description="Train the FDP runs at the same time (one thread each) rather than "
-                               "one after another: the same steps, less waiting for start-ups.")
+    fdp_parallel: bool = Field(False, description="Train the FDP runs at the same time (one thread each) rather than "
+                               "one after another (two threads each). Off: on 2 cores three runs at once made 200 "
+                               "samples/s together, one run alone 359 (the ingest and Ray overheads of three runs "
+                               "compete for the same cores), so one after another finishes sooner.")
+    rollout_episodes: int = Field(32, ge=0, description="Held-out episodes the gold + pseudo FDP rolls forward "
+                                  "`rollout_steps` actions (N=1 and the largest of `ns`, IDP verifier) for the report's "
+                                  "rollout strip and exact match at step 1..k (`dynboot rollout`; 0 = skip).")
+    rollout_steps: int = Field(4, ge=1, le=32, description="Actions per rollout episode.")
+    rounds: int = Field(1, ge=1, description="Bootstrapping rounds (`dynboot bootstrap`): 1 = the loop once; K > 1 "
+                        "goes on in rounds/ with rounds 1..K-1 (back-translation by this run's models, IDP and FDP "
+                        "trained again, the stop rule on a validation split), this run's stages reused as round 0.")
+    back_translation: BackTranslation = Field(default_factory=BackTranslation, description="rounds > 1: the "
+                                              "generated + IDP-verified pairs each next round's IDP also trains on.")
     progress_every_s: float = Field(5.0, gt=0, description="Seconds between the training stages' progress lines.")
     tracking: TrackingKind = Field("none", description="Experiment tracker (as HF Trainer's report_to): none, mlflow "
                                    "or wandb; each training stage is a run, and the quickstart's results one more.")
@@ -98,22 +111,18 @@ def _stage(name: str, t_all: float) -> float:
 
 def _train(cfg: QuickstartConfig, out: Path, task: str, data: list[dict], steps: int, weighting: str = "none",
            share: int = 1) -> None:
-    """One `dynboot train` run in this Ray session. `share` runs at once (the FDP stage): each reserves 1/share of
-    the CPUs and trains with one thread, so that they fill the 2 cores together instead of oversubscribing them."""
-    from jobs.train import TrainConfig, run as train
+    """One `dynboot train` run in this Ray session (`share`: jobs.train_config.world_train_config)."""
+    from jobs.train import run as train
+    from jobs.train_config import world_train_config
 
     if _done(out):
         say(f"  {out.name}: done in an earlier run ({out / 'summary.json'})")
         return
-    train(TrainConfig.model_validate({
-        "task": task, "data": data, "out": str(out), "steps": steps, "batch_size": cfg.batch_size,
-        "size": cfg.size, "weighting": weighting, "num_workers": 1, "cpus_per_worker": 1.0 / share,
-        "ingest_cpus": 0.5 / share, "threads": 2 if share == 1 else 1,
-        "zero_stage": cfg.zero_stage, "eval_data": str(Path(cfg.out) / "world" / "test"), "eval_limit": 128,
-        "eval_generate": cfg.train_exact, "eval_every": max(steps // 4, 1), "checkpoint_every": max(steps // 2, 1),
-        "name": out.name, "progress_every_s": cfg.progress_every_s, "tracking": cfg.tracking,
-        "tracking_uri": cfg.tracking_uri, "tracking_project": cfg.tracking_project,
-    }))
+    train(world_train_config(
+        task, data, str(out), steps, str(Path(cfg.out) / "world" / "test"), share=share, batch_size=cfg.batch_size,
+        size=cfg.size, weighting=weighting, zero_stage=cfg.zero_stage, eval_limit=128, eval_generate=cfg.train_exact,
+        name=out.name, progress_every_s=cfg.progress_every_s, tracking=cfg.tracking, tracking_uri=cfg.tracking_uri,
+        tracking_project=cfg.tracking_project))
 
 
 def train_fdp_runs(cfg: QuickstartConfig, runs: list[tuple[Path, list[dict], str]]) -> None:
@@ -128,6 +137,21 @@ def train_fdp_runs(cfg: QuickstartConfig, runs: list[tuple[Path, list[dict], str
                    for out, data, weighting in runs]
         for f in futures:
             f.result()  # the first failure is raised (the others finish: a rerun resumes them)
+
+
+def _rounds(cfg: QuickstartConfig, world: Path, first_round: dict[str, Path]) -> dict:
+    """`dynboot bootstrap` in <out>/rounds on this run's world, with this run's stages as round 0; its table."""
+    from jobs.bootstrap import BootstrapConfig, run as bootstrap
+
+    summary = bootstrap(BootstrapConfig(
+        out=str(Path(cfg.out) / "rounds"), rounds=cfg.rounds, world=str(world), val=max(10, min(100, cfg.test // 3)),
+        seed=cfg.seed, size=cfg.size,
+        idp_steps=cfg.idp_steps, fdp_steps=cfg.fdp_steps, batch_size=cfg.batch_size, min_score=cfg.min_score,
+        weighting=cfg.weighting, ns=cfg.ns, zero_stage=cfg.zero_stage, num_cpus=cfg.num_cpus,
+        back_translation=cfg.back_translation), first_round)
+    say(f"  rounds: {summary['rounds_run']} run, best round {summary['best_round']}"
+        f"{'; stopped: ' + summary['stopped'] if summary['stopped'] else ''}")
+    return {k: summary[k] for k in ("rounds_run", "best_round", "stopped", "table")}
 
 
 def _with_earlier_times(root: Path, times: dict[str, float], done_before: list[str]) -> dict[str, float]:
@@ -153,27 +177,20 @@ def run(cfg: QuickstartConfig) -> dict:
     stage_dirs = {"world": [world], "idp": [idp], "relabel": [relabel, filt], "fdp": list(fdp.values())[: 3 if cfg.ablation else 2]}
     done_before = [k for k, dirs in stage_dirs.items() if all(_done(d) for d in dirs)]
 
-    t = _stage("1/6 world: gold pairs, unlabelled videos, test split", t_all)
+    n = 7 if cfg.rounds > 1 else 6
+    t = _stage(f"1/{n} world: gold pairs, unlabelled videos, test split", t_all)
     if not _done(world):
         generate_world(WorldConfig(out=str(world), gold=cfg.gold, videos=cfg.videos, test=cfg.test, seed=cfg.seed))
     times["world"] = time.time() - t
 
     with ray_session(num_cpus=cfg.num_cpus):  # one Ray session for every stage (joined under `ray job submit`)
         gold_src = {"path": str(world / "gold"), "weight": float(cfg.gold)}  # weights are per-source shares
-        t = _stage(f"2/6 train IDP on {cfg.gold} gold pairs ({cfg.idp_steps} steps)", t_all)
+        t = _stage(f"2/{n} train IDP on {cfg.gold} gold pairs ({cfg.idp_steps} steps)", t_all)
         _train(cfg, idp, "idp", [gold_src], cfg.idp_steps)  # (weighting touches FDP targets only)
         times["idp"] = time.time() - t
 
-        t = _stage("3/6 relabel the unlabelled videos with the IDP, then filter", t_all)
-        from jobs.filter import FilterConfig, run as filter_run
-        from jobs.relabel import RelabelConfig, run as relabel_run
-
-        if not _done(relabel):
-            relabel_run(RelabelConfig(videos=str(world / "videos"), out=str(relabel), model_path=str(idp / "model"),
-                                      backend="", idp_cpus=1.0, batch_size=64, videos_per_batch=16,
-                                      keyframes={"strategy": "stills"}))  # the world's key states are its stills
-        if not _done(filt):
-            filter_run(FilterConfig(shards=str(relabel), out=str(filt), mode="enable", min_score=cfg.min_score, top_k=0))
+        t = _stage(f"3/{n} relabel the unlabelled videos with the IDP, then filter", t_all)
+        relabel_and_filter(world, idp, relabel, filt, cfg.min_score)
         times["relabel"] = time.time() - t
 
         kept = json.loads((filt / "summary.json").read_text())["pairs_kept"]
@@ -186,17 +203,23 @@ def run(cfg: QuickstartConfig) -> dict:
                              f"stages are kept; delete {filt} to refilter)")
         pseudo_src = {"path": str(filt / "shards"), "weight": cfg.pseudo_ratio * kept}
         other = ablation_weighting(cfg)
-        t = _stage(f"4/6 train FDP ({cfg.weighting}): gold only, gold + pseudo"
+        t = _stage(f"4/{n} train FDP ({cfg.weighting}): gold only, gold + pseudo"
                    f"{f'; gold + pseudo with {other}' if cfg.ablation else ''}", t_all)
         runs = [(fdp["gold"], [gold_src], cfg.weighting), (fdp["boot"], [gold_src, pseudo_src], cfg.weighting)]
         train_fdp_runs(cfg, runs + ([(fdp["ablation"], [gold_src, pseudo_src], other)] if cfg.ablation else []))
         times["fdp"] = time.time() - t
 
-        t = _stage(f"5/6 evaluate: best-of-N (N={cfg.ns}) through the serve app, greedy metrics of every model", t_all)
+        t = _stage(f"5/{n} evaluate: best-of-N (N={cfg.ns}) through the serve app, greedy metrics of every model"
+                   f"{f', {cfg.rollout_steps}-step rollouts' if cfg.rollout_episodes else ''}", t_all)
         results = evaluate_stage(cfg, world, idp, relabel, fdp)
         times["eval"] = time.time() - t
 
-    t = _stage("6/6 report", t_all)
+        if cfg.rounds > 1:
+            t = _stage(f"6/{n} bootstrapping rounds 1..{cfg.rounds - 1} (back-translation, IDP, relabel, FDP)", t_all)
+            results["rounds"] = _rounds(cfg, world, {"idp": idp, "relabel": relabel, "filter": filt, "fdp": fdp["boot"]})
+            times["rounds"] = time.time() - t
+
+    t = _stage(f"{n}/{n} report", t_all)
     times["total"] = time.time() - t_all
     times = _with_earlier_times(root.root, times, done_before)
     summary = {"results": results, "seconds": {k: round(v, 1) for k, v in times.items()}}

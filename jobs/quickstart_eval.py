@@ -29,7 +29,7 @@ from dynboot.world.generate import load_spec
 from dynboot.world.render import parse
 from dynboot.eval.world_eval import fdp_eval, idp_eval
 
-__all__ = ["ablation_weighting", "evaluate_stage", "served_best_of_n", "write_quickstart_report"]
+__all__ = ["ablation_weighting", "evaluate_stage", "rollout_stage", "served_best_of_n", "write_quickstart_report"]
 
 
 def ablation_weighting(cfg) -> str:
@@ -85,6 +85,16 @@ def served_best_of_n(cfg, world: Path, idp: Path, fdp: Path, test, spec) -> tupl
     return metrics, grid
 
 
+def rollout_stage(cfg, world: Path, idp: Path, fdp: Path) -> dict:
+    """`dynboot rollout` of the gold + pseudo FDP in <out>/rollout: N=1 and the largest N, the IDP verifier."""
+    from jobs.rollout import RolloutConfig, run as rollout
+
+    summary = rollout(RolloutConfig(world=str(world), fdp_path=str(fdp / "model"), idp_path=str(idp / "model"),
+                                    episodes=cfg.rollout_episodes, steps=cfg.rollout_steps, n=sorted({1, max(cfg.ns)}),
+                                    temperature=cfg.temperature, seed=cfg.seed, strips=2, out=str(Path(cfg.out) / "rollout")))
+    return {k: summary[k] for k in ("episodes", "steps", "n", "table", "strips")}
+
+
 def evaluate_stage(cfg, world: Path, idp: Path, relabel: Path, fdp: dict[str, Path]) -> dict:
     out = Path(cfg.out) / "eval"
     spec = load_spec(world)
@@ -100,6 +110,8 @@ def evaluate_stage(cfg, world: Path, idp: Path, relabel: Path, fdp: dict[str, Pa
     if kept.is_dir():  # what the FDP actually trained on
         results["pseudo_labels_kept"] = pseudo_label_accuracy(kept, world / "videos_truth.jsonl")
     results["best_of_n"], grid = served_best_of_n(cfg, world, idp, fdp["boot"], test, spec)
+    if cfg.rollout_episodes:
+        results["rollout"] = rollout_stage(cfg, world, idp, fdp["boot"])
     out.mkdir(parents=True, exist_ok=True)
     candidates_grid(out / "best_of_n_grid.png", grid)
     write_json(out / "metrics.json", results)
@@ -121,6 +133,26 @@ def _pseudo_section(written: dict, kept: dict | None) -> str:
         lines.append(f"- kept by the filter (what the FDP trained on): {kept['pairs']} pairs, accuracy "
                      f"{kept['accuracy']} (per type: {per_type(kept)})")
     return "\n".join(lines)
+
+
+def _rollout_sections(results: dict) -> list[tuple[str, str]]:
+    r = results.get("rollout")
+    if not r:
+        return []
+    pictures = "\n".join(f"![rollout](rollout/{s})" for s in r["strips"])
+    return [(f"Rollouts: the gold + pseudo FDP rolled forward {r['steps']} actions", md_table(r["table"]) +
+             f"\n\n{r['episodes']} held-out episodes (`rollout/report.md`); strips: truth, then each N, green = exact."
+             f"\n\n{pictures}")]
+
+
+def _rounds_sections(results: dict) -> list[tuple[str, str]]:
+    r = results.get("rounds")
+    if not r:
+        return []
+    stop = f"stopped: {r['stopped']}" if r["stopped"] else f"all {r['rounds_run']} rounds ran"
+    return [("Bootstrapping rounds (validation / test split of the held-out pairs)",
+             md_table(r["table"]) + f"\n\nbest round {r['best_round']}; {stop} (`rounds/report.md`)"
+             "\n\n![rounds](rounds/rounds.png)")]
 
 
 def write_quickstart_report(root: Path, cfg, results: dict, seconds: dict) -> tuple[Path, str]:
@@ -150,6 +182,7 @@ def write_quickstart_report(root: Path, cfg, results: dict, seconds: dict) -> tu
                  "scored on the same pairs; rows 1 and 4: binomial)."),
         ("Pseudo-labels", _pseudo_section(pl, results.get("pseudo_labels_kept"))),
         ("Best-of-N through the serve app", "![best-of-N](eval/best_of_n.png)\n\n![candidates](eval/best_of_n_grid.png)"),
+    ] + _rollout_sections(results) + _rounds_sections(results) + [
         ("Time per stage (s)", md_table([seconds])),
         ("Command", f"`dynboot quickstart --out {cfg.out}` with config in `config.yaml`"),
     ]

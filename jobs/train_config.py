@@ -14,7 +14,7 @@ from dynboot.io.tracking import TrackingKind
 from dynboot.models.base import TinySize
 from dynboot.training.trainer import LoopConfig
 
-__all__ = ["LoraSettings", "TrainConfig"]
+__all__ = ["LoraSettings", "TrainConfig", "world_train_config"]
 
 
 class LoraSettings(Config):
@@ -115,3 +115,16 @@ class TrainConfig(LoopConfig):
         data = [s.model_copy(update={"path": absolute(s.path)}) for s in self.data]
         return self.model_copy(update={"out": absolute(self.out), "model_path": absolute(self.model_path),
                                        "eval_data": absolute(self.eval_data), "data": data})
+
+
+def world_train_config(task: str, data: list[dict], out: str, steps: int, eval_data: str, *, share: int = 1,
+                       **fields: Any) -> TrainConfig:
+    """A train run on the embedded world as the quickstart and bootstrap jobs run it: one worker, evaluation four
+    times and checkpoints twice per run, on the held-out pairs in `eval_data`. `share` runs train at once (the
+    quickstart's parallel FDP stage): each reserves 1/share of the CPUs and trains with one thread, so that they
+    fill the cores together instead of oversubscribing them. `fields` are any other TrainConfig fields (batch_size,
+    size, weighting, zero_stage, eval_limit, tracking...)."""
+    return TrainConfig.model_validate({
+        "task": task, "data": data, "out": out, "steps": steps, "num_workers": 1, "cpus_per_worker": 1.0 / share,
+        "ingest_cpus": 0.5 / share, "threads": 2 if share == 1 else 1, "eval_data": eval_data,
+        "eval_every": max(steps // 4, 1), "checkpoint_every": max(steps // 2, 1), **fields})

@@ -7,9 +7,11 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the loop, then one more bootstrapping round: six Ray Train runs, two relabel jobs
 def test_quickstart_small(tmp_path, capfd):
     """Run as `dynboot quickstart` runs it (job_main with its console), with the port the serve app used to take held
-    by someone else: the run serves on a free port, and the console shows stages, progress and the table only."""
+    by someone else: the run serves on a free port, and the console shows stages, progress and the table only.
+    With rounds=2 it goes on with one bootstrapping round, and its report shows the rounds and a rollout strip."""
     import socket
 
     from dynboot.cli import job_main
@@ -18,7 +20,9 @@ def test_quickstart_small(tmp_path, capfd):
 
     out = tmp_path / "qs"
     args = dict(out=str(out), gold=120, videos=8, test=24, idp_steps=20, fdp_steps=12, batch_size=8, ns="[1,2]",
-                num_cpus=4, min_score=-1e9, progress_every_s=0.5)  # an IDP this small is never sure
+                num_cpus=4, min_score=-1e9, progress_every_s=0.5,  # an IDP this small is never sure
+                rounds=2, rollout_episodes=3, rollout_steps=2, **{"back_translation.frames": 6,
+                "back_translation.candidates": 2, "back_translation.threshold": -1e9})  # keeps every generated pair
     with socket.socket() as taken:
         try:  # 8000, the old fixed port, in use (when something else holds it already, so much the better)
             taken.bind(("127.0.0.1", 8000))
@@ -27,9 +31,9 @@ def test_quickstart_small(tmp_path, capfd):
             pass
         assert job_main(QuickstartConfig, run, [f"{k}={v}" for k, v in args.items()], console=True) == 0
     console = [line for line in capfd.readouterr().out.splitlines() if line.strip()]
-    cfg = QuickstartConfig(**{**args, "ns": [1, 2]})
+    cfg = QuickstartConfig(**{**{k: v for k, v in args.items() if "." not in k}, "ns": [1, 2]})
     summary = json.loads((out / "summary.json").read_text())
-    for stage in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
+    for stage in ("1/7", "2/7", "3/7", "4/7", "5/7", "6/7", "7/7"):
         assert sum(line.startswith("[") and f"] {stage} " in line for line in console) == 1, (stage, console)
     progress = {m["name"] for m in map(PROGRESS_LINE.match, console) if m}
     assert progress >= {"idp"} and progress & {"fdp_gold", "fdp_boot", "fdp_ablation"}, console
@@ -54,7 +58,18 @@ def test_quickstart_small(tmp_path, capfd):
     assert (out / "eval" / "best_of_n_grid.png").stat().st_size > 0
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert set(metrics["best_of_n"]["by_n"]) == {"1", "2"} and metrics["test_pairs"] == 24
-    assert summary["seconds"]["total"] > 0 and set(summary["seconds"]) >= {"idp", "relabel", "fdp", "eval"}
+    assert summary["seconds"]["total"] > 0 and set(summary["seconds"]) >= {"idp", "relabel", "fdp", "eval", "rounds"}
+    # rounds=2: round 0 is this run's stages (not trained again), round 1 trained its own IDP and FDP
+    rounds = json.loads((out / "rounds" / "summary.json").read_text())
+    assert rounds["rounds_run"] == 2 and [r["round"] for r in rounds["table"]] == [0, 1]
+    assert not (out / "rounds" / "round_0" / "idp").exists() and (out / "rounds" / "round_1" / "fdp" / "model").is_dir()
+    assert json.loads((out / "rounds" / "round_0" / "backtranslate" / "summary.json").read_text())["pairs_kept"] > 0
+    assert summary["results"]["rounds"]["table"] == rounds["table"]
+    rollout = json.loads((out / "rollout" / "summary.json").read_text())
+    assert rollout["episodes"] == 3 and rollout["n"] == [1, 2] and rollout["fdp_path"] == str(out / "fdp_boot" / "model")
+    for section in ("Bootstrapping rounds", "Rollouts", "rounds/rounds.png", "rollout/strips/"):
+        assert section in report, section
+    assert all((out / "rollout" / s).stat().st_size > 0 for s in rollout["strips"]) and rollout["strips"]
 
 
 def test_paired_verdict_counts_only_the_pairs_where_the_models_differ():
