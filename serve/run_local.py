@@ -1,6 +1,6 @@
 """`dynboot serve`: start the best-of-N Serve app on a local Ray cluster (or an existing one) and wait.
 
-    dynboot serve generator_path=runs/quickstart/fdp/checkpoint verifier_path=runs/quickstart/idp/checkpoint
+    dynboot serve generator_path=runs/quickstart/fdp_boot/model verifier_path=runs/quickstart/idp/model
     dynboot serve my_serve.yaml port=8001 max_best_of=8 generator.autoscaling.max_replicas=4
     python -m serve.run_local generator_path=... verifier_path=...          # the same program
 
