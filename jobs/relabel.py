@@ -40,7 +40,7 @@ from dynboot.io.ray_session import ray_session
 from dynboot.io.rundir import RunDir
 from jobs.relabel_config import RelabelConfig
 from jobs.relabel_manifest import read_manifest, start_registry
-from jobs.relabel_stages import IDPLabeler, decode_stage, write_stage
+from jobs.relabel_stages import DecodeParams, IDPLabeler, LabelParams, WriteParams, decode_stage, write_stage
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
@@ -54,8 +54,26 @@ def _prepare(cfg: RelabelConfig) -> RelabelConfig:
     return cfg.model_copy(update={"image_size": int(model.tokenizer.image_size)})
 
 
+def decode_params(cfg: RelabelConfig) -> DecodeParams:
+    return DecodeParams(out=cfg.out, keyframes=cfg.keyframes, image_size=cfg.image_size, max_attempts=cfg.max_attempts,
+                        io_attempts=cfg.io_attempts, io_backoff_s=cfg.io_backoff_s)
+
+
+def label_params(cfg: RelabelConfig) -> LabelParams:
+    return LabelParams(out=cfg.out, model_path=cfg.model_path, backend=cfg.backend,
+                       device="cuda" if cfg.idp_gpus > 0 else "cpu", threads=cfg.idp_threads,
+                       batch_size=cfg.batch_size, max_attempts=cfg.max_attempts,
+                       cuda_fault_once=cfg.fault_injection == "cuda_once")
+
+
+def write_params(cfg: RelabelConfig) -> WriteParams:
+    return WriteParams(out=cfg.out, rows_per_file=cfg.rows_per_file, image_size=cfg.image_size,
+                       stall_after_2_commits=cfg.fault_injection == "stall_after_2_commits")
+
+
 def build_dataset(cfg: RelabelConfig, registry):
-    """The numbered pipeline; resources beside each stage."""
+    """The numbered pipeline; resources beside each stage. Each stage gets only its own params (built above from
+    `cfg`, whose image_size _prepare has resolved), not the driver's config."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -68,20 +86,21 @@ def build_dataset(cfg: RelabelConfig, registry):
     #   stage 3's keep the two unfused: crashes stay in tasks and decoders scale apart from the model.
     #   max_retries bounds Ray's default of retrying crashed tasks forever (a deprecated ray_remote_arg that
     #   has no named replacement in Ray 2.60); the ledger quarantines each crashing video before it runs out.
-    ds = ds.map_batches(decode_stage, batch_size=cfg.videos_per_task, batch_format="pyarrow", fn_kwargs={"cfg": cfg},
-                        num_cpus=cfg.decode_cpus, max_retries=2 * cfg.max_attempts * cfg.videos_per_task + 2)
+    ds = ds.map_batches(decode_stage, batch_size=cfg.videos_per_task, batch_format="pyarrow",
+                        fn_kwargs={"params": decode_params(cfg)}, num_cpus=cfg.decode_cpus,
+                        max_retries=2 * cfg.max_attempts * cfg.videos_per_task + 2)
     # 3 label: the IDP in a stateful actor pool (loaded once per actor); idp_cpus / idp_gpus per actor, e.g. one
     #   GPU each on a cluster. Actors restart after a crash (Ray's default), a device error included.
     ds = ds.map_batches(IDPLabeler, batch_size=cfg.videos_per_batch, batch_format="pyarrow",
-                        fn_constructor_kwargs={"cfg": cfg},
+                        fn_constructor_kwargs={"params": label_params(cfg)},
                         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
                         num_cpus=cfg.idp_cpus, num_gpus=cfg.idp_gpus)
     # 4 commit: small CPU tasks of about rows_per_file pairs each (PNGs already encoded: writing is cheap and
     #   stays off the actors). We write partitions ourselves rather than with Ray Data's write_parquet: each
     #   needs its commit record (which videos, which files), written last, for exactly-once reruns.
     videos_per_file = max(1, math.ceil(cfg.rows_per_file / cfg.pairs_per_video))
-    return ds.map_batches(write_stage, batch_size=videos_per_file, batch_format="pyarrow", fn_kwargs={"cfg": cfg},
-                          num_cpus=cfg.write_cpus)
+    return ds.map_batches(write_stage, batch_size=videos_per_file, batch_format="pyarrow",
+                          fn_kwargs={"params": write_params(cfg)}, num_cpus=cfg.write_cpus)
 
 
 def _warn_if_starved(cfg: RelabelConfig) -> None:

@@ -1,4 +1,5 @@
-"""The relabel job's config (jobs/relabel.py runs it; its stages in jobs/relabel_stages.py read it)."""
+"""The relabel job's config (jobs/relabel.py runs it and builds from it the params of each of its stages,
+jobs/relabel_stages.py)."""
 
 from __future__ import annotations
 

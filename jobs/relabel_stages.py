@@ -14,6 +14,9 @@ Worker deaths (a native crash, an out-of-memory kill, an IDP actor that exits af
 `except`, and Ray retries such tasks (actors restart) by itself. The attempt ledger (jobs/relabel_ledger.py)
 bounds that: a batch that killed a worker is retried one video at a time, and a video that kills
 `max_attempts` workers is quarantined as `worker_crashed` without being touched again.
+
+Each stage takes only its own arguments, a small frozen params object (DecodeParams, LabelParams, WriteParams) that
+the driver builds from its config (jobs/relabel.py): what a stage reads is in its signature, and a task ships only that.
 """
 
 from __future__ import annotations
@@ -22,19 +25,17 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import pyarrow as pa
 
 from dynboot.io import storage
-from dynboot.data.keyframes import video_keyframes
+from dynboot.data.keyframes import KeyframeConfig, video_keyframes
 from dynboot.data.pairs import make_row, to_table
 from dynboot.data.video import VideoFault
 from dynboot.io.partitions import commit_partition, load_index, partition_id
 from jobs.relabel_ledger import Ledger
-
-if TYPE_CHECKING:
-    from jobs.relabel_config import RelabelConfig
 
 Status = Literal["ok", "quarantined", "retry_later"]
 Reason = Literal["missing", "empty_file", "unreadable", "too_short", "no_keyframes", "too_large", "bad_manifest_row",
@@ -90,6 +91,18 @@ def worker_crashed(row: dict[str, Any], stage: str, last: dict[str, Any]) -> dic
 
 
 # ---- stage 2: decode + key frames (CPU tasks) ---------------------------------------------------------------
+@dataclass(frozen=True)
+class DecodeParams:
+    """What the decode stage reads."""
+
+    out: str  # run directory (URI): the attempt ledger lives there
+    keyframes: KeyframeConfig
+    image_size: int  # side of the PNG frames (resolved by the driver: never 0 here)
+    max_attempts: int  # worker deaths on one video before it is quarantined as worker_crashed
+    io_attempts: int  # tries of a fetch on transient I/O errors
+    io_backoff_s: float  # first back-off of those tries (doubling)
+
+
 def _video_row(item: dict[str, Any]) -> dict[str, Any]:
     return {"video_id": item["video_id"], "path": item["path"], "dataset": item["dataset"], "label": item["label"],
             "meta": item["meta"], "status": "ok", "stage": "", "reason": "", "error_class": "", "error": "",
@@ -97,7 +110,7 @@ def _video_row(item: dict[str, Any]) -> dict[str, Any]:
             "label_s": 0.0}
 
 
-def _decode_one(item: dict[str, Any], cfg: RelabelConfig) -> dict[str, Any]:
+def _decode_one(item: dict[str, Any], params: DecodeParams) -> dict[str, Any]:
     row = _video_row(item)
     if item["error"]:  # a malformed manifest row, or an id another video holds
         reason = "duplicate_id" if item["error"].startswith("duplicate_id") else "bad_manifest_row"
@@ -107,18 +120,18 @@ def _decode_one(item: dict[str, Any], cfg: RelabelConfig) -> dict[str, Any]:
     def fetch_and_decode():  # an object is fetched to a local temp file first; I/O errors propagate as OSErrors
         nonlocal tries
         tries += 1
-        return video_keyframes(item["path"], cfg.keyframes, cfg.image_size)
+        return video_keyframes(item["path"], params.keyframes, params.image_size)
 
     t0 = time.perf_counter()
     try:
-        kf = storage.retry(fetch_and_decode, attempts=cfg.io_attempts, base_s=cfg.io_backoff_s, what=item["path"])
+        kf = storage.retry(fetch_and_decode, attempts=params.io_attempts, base_s=params.io_backoff_s, what=item["path"])
     except Exception as err:  # the video's own fault, or I/O that stayed down: never the job's
         row = retry_later(row, "decode", err, tries) if storage.is_transient(err) else \
             quarantined(row, "decode", fault_reason(err), err, tries)
     else:
         if not kf.pairs:  # never counted as done silently (video_keyframes raises no_keyframes itself: a safety net)
             row = quarantined(row, "decode", "no_keyframes", attempts=tries, message=(
-                f"no_keyframes: {len(kf.indices)} key frame(s) in {kf.frames} frames ({cfg.keyframes.strategy}): "
+                f"no_keyframes: {len(kf.indices)} key frame(s) in {kf.frames} frames ({params.keyframes.strategy}): "
                 "no pair to label"))
         else:
             row |= {"frame_a": [a for a, _ in kf.pairs], "frame_b": [b for _, b in kf.pairs],
@@ -128,14 +141,26 @@ def _decode_one(item: dict[str, Any], cfg: RelabelConfig) -> dict[str, Any]:
     return row
 
 
-def decode_stage(batch: pa.Table, cfg: RelabelConfig) -> pa.Table:
-    ledger = Ledger(cfg.out, "decode", cfg.max_attempts)
-    rows = ledger.run(batch.to_pylist(), lambda items: [_decode_one(it, cfg) for it in items],
+def decode_stage(batch: pa.Table, params: DecodeParams) -> pa.Table:
+    ledger = Ledger(params.out, "decode", params.max_attempts)
+    rows = ledger.run(batch.to_pylist(), lambda items: [_decode_one(it, params) for it in items],
                       crashed=lambda item, last: worker_crashed(_video_row(item), "decode", last))
     return pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA)
 
 
 # ---- stage 3: IDP labelling (actor pool) --------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabelParams:
+    """What the IDP actors read."""
+
+    out: str  # run directory (URI): the attempt ledger (and the cuda_once marker) live there
+    model_path: str  # IDP checkpoint, local or a URI (fetched once per node)
+    backend: str  # model backend ('' = read it from the checkpoint)
+    device: Literal["cpu", "cuda"]  # cuda when each actor reserves a GPU
+    threads: int  # torch threads per actor
+    batch_size: int  # pairs per forward call (fewer when the model states a token budget)
+    max_attempts: int  # worker deaths on one video before it is quarantined as worker_crashed
+    cuda_fault_once: bool = False  # tests only (fault_injection=cuda_once): the first IDP call of a run fails
 
 
 class IDPLabeler:
@@ -143,24 +168,24 @@ class IDPLabeler:
     scores the pairs of each batch of videos. A device error ends the actor process: Ray restarts it on a fresh
     context and retries the batch (one video at a time, so a culprit is found and charged)."""
 
-    def __init__(self, cfg: RelabelConfig):
+    def __init__(self, params: LabelParams):
         import torch
 
         from dynboot.models.registry import load_model
 
-        torch.set_num_threads(cfg.idp_threads)  # one actor = idp_threads cores; oversubscribing slows all stages
-        self.cfg = cfg
-        self.model = load_model(storage.local_model_dir(cfg.model_path), cfg.backend or None,
-                                device="cuda" if cfg.idp_gpus > 0 else "cpu").eval()
-        self.ledger = Ledger(cfg.out, "label", cfg.max_attempts)
+        torch.set_num_threads(params.threads)  # one actor = `threads` cores; oversubscribing slows all stages
+        self.params = params
+        self.model = load_model(storage.local_model_dir(params.model_path), params.backend or None,
+                                device=params.device).eval()
+        self.ledger = Ledger(params.out, "label", params.max_attempts)
 
     def _chunk(self) -> int:
         """Pairs per forward: batch_size, or fewer where the model's token budget holds fewer captions."""
-        return max(1, min(self.cfg.batch_size, self.model.rows_per_forward("caption")))
+        return max(1, min(self.params.batch_size, self.model.rows_per_forward("caption")))
 
     def _caption_and_score(self, before, after) -> tuple[list[str], list[float]]:
-        if self.cfg.fault_injection == "cuda_once":
-            marker = storage.join(self.cfg.out, "_fault_cuda_once")
+        if self.params.cuda_fault_once:
+            marker = storage.join(self.params.out, "_fault_cuda_once")
             if not storage.exists(marker):
                 storage.write_text(marker, f"pid {os.getpid()}\n")
                 raise RuntimeError("CUDA error: device-side assert triggered (fault_injection=cuda_once)")
@@ -215,8 +240,18 @@ class IDPLabeler:
 
 
 # ---- stage 4: commit partitions (CPU tasks) -----------------------------------------------------------------
-def _pair_rows(row: dict[str, Any], cfg: RelabelConfig) -> list[dict[str, Any]]:
-    base = {"path": row["path"], "image_size": cfg.image_size, "job": "relabel", "meta": json.loads(row["meta"] or "{}")}
+@dataclass(frozen=True)
+class WriteParams:
+    """What the commit stage reads."""
+
+    out: str  # run directory (URI): partitions and their commit records go there
+    rows_per_file: int  # pairs per Parquet file (whole videos)
+    image_size: int  # side of the frames, recorded in each pair's provenance
+    stall_after_2_commits: bool = False  # tests only (fault_injection=stall_after_2_commits): later commits hang
+
+
+def _pair_rows(row: dict[str, Any], image_size: int) -> list[dict[str, Any]]:
+    base = {"path": row["path"], "image_size": image_size, "job": "relabel", "meta": json.loads(row["meta"] or "{}")}
     return [make_row(row["video_id"], a, b, before, after, action, "pseudo", row["model_id"], score,
                      provenance={**base, **pair}, dataset=row["dataset"], label=row["label"])
             for a, b, before, after, action, score, pair in zip(*(row[k] for k in _PAIR_LISTS), json.loads(row["info"]))]
@@ -247,19 +282,19 @@ def _result(row: dict[str, Any], record: dict[str, Any] | None, write_s: float) 
             "write_s": write_s}
 
 
-def write_stage(batch: pa.Table, cfg: RelabelConfig) -> pa.Table:
+def write_stage(batch: pa.Table, params: WriteParams) -> pa.Table:
     """Commit the batch's ok and quarantined videos in partitions; report every video."""
     rows = batch.to_pylist()
     out = [_result(r, None, 0.0) for r in rows if r["status"] == "retry_later"]
-    for group in _groups([r for r in rows if r["status"] != "retry_later"], cfg.rows_per_file):
+    for group in _groups([r for r in rows if r["status"] != "retry_later"], params.rows_per_file):
         t0 = time.perf_counter()
         ok = [r for r in group if r["status"] == "ok"]
         bad = [r for r in group if r["status"] == "quarantined"]
-        if cfg.fault_injection == "stall_after_2_commits" and len(set(load_index(cfg.out)["partition"].to_pylist())) >= 2:
+        if params.stall_after_2_commits and len(set(load_index(params.out)["partition"].to_pylist())) >= 2:
             time.sleep(3600)  # until the test kills the job: a kill that lands mid-run however fast the machine is
         try:
-            table = to_table([p for r in ok for p in _pair_rows(r, cfg)]) if ok else None
-            record = commit_partition(cfg.out, partition_id(r["video_id"] for r in group), table,
+            table = to_table([p for r in ok for p in _pair_rows(r, params.image_size)]) if ok else None
+            record = commit_partition(params.out, partition_id(r["video_id"] for r in group), table,
                                       bad, [{**r, "pairs": len(r["actions"])} for r in group])
         except Exception as err:  # storage that stayed down, a full disk: not the videos' fault, so not quarantined
             group = [retry_later(r, "write", err, 1) for r in group]

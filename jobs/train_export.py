@@ -30,6 +30,7 @@ import torch
 from dynboot.io import storage
 from dynboot.models.base import UnifiedModel
 from dynboot.training.trainer import make_batch
+from jobs.train_config import TrainConfig
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # |loss(export) - loss(engine)| / max(1, loss)
 
@@ -74,8 +75,8 @@ def _probe_loss(model: UnifiedModel, net, batch: dict) -> float:
         return float(model.loss(batch, net=net))
 
 
-def export_model(cfg, model: UnifiedModel, engine, probe_examples: list, rank: int, device, dtype: torch.dtype,
-                 lora: bool) -> dict:
+def export_model(cfg: TrainConfig, model: UnifiedModel, engine, probe_examples: list, rank: int, device,
+                 dtype: torch.dtype, lora: bool) -> dict:
     """Write and check the export (module doc); returns what summary.json records (rank 0; {} elsewhere)."""
     import torch.distributed as dist
 

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from dynboot.io import storage
 from dynboot.models.base import UnifiedModel
+from jobs.train_config import TrainConfig
 
 __all__ = ["world_spec", "world_of", "train_dtype", "set_gradient_checkpointing", "build_model"]
 
 
-def world_spec(cfg):
+def world_spec(cfg: TrainConfig):
     """The embedded world's spec when training on world data (a local data source's or eval set's world.json)."""
     from dynboot.world.generate import load_spec
 
@@ -37,12 +40,12 @@ def train_dtype(bf16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def set_gradient_checkpointing(model: UnifiedModel, setting) -> bool:
+def set_gradient_checkpointing(model: UnifiedModel, setting: bool | Literal["auto"]) -> bool:
     """Activation checkpointing on (True), off (False), or the backend's default ("auto": on for 7B-size models)."""
     return bool(model.gradient_checkpointing(None if setting == "auto" else bool(setting)))
 
 
-def build_model(cfg, lora: bool, device: str = "cpu", dtype: torch.dtype = torch.float32) -> UnifiedModel:
+def build_model(cfg: TrainConfig, lora: bool, device: str = "cpu", dtype: torch.dtype = torch.float32) -> UnifiedModel:
     """The model to train (in train mode), loaded in `dtype` on `device`; with `lora`, `model.net` is PEFT-wrapped."""
     if cfg.from_scratch:
         from dynboot.models.tiny import TinyWorldModel

@@ -16,6 +16,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from dynboot.data.mixture import Source, gold_only
 from dynboot.models.base import UnifiedModel
 from dynboot.io.rundir import RunDir, read_jsonl, write_json
 from dynboot.training.trainer import TrainCore, build_optimizer
+from jobs.train_config import TrainConfig
 from jobs.train_model import build_model, train_dtype, world_of
 
 __all__ = ["train_loop", "plain_reference"]
@@ -35,13 +37,13 @@ __all__ = ["train_loop", "plain_reference"]
 FAULT_DELAY_S = 6.0
 
 
-def use_bf16(cfg) -> bool:
+def use_bf16(cfg: TrainConfig) -> bool:
     if cfg.bf16 == "auto":
         return bool(cfg.use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return bool(cfg.bf16)
 
 
-def ds_config(cfg, bf16: bool) -> dict:
+def ds_config(cfg: TrainConfig, bf16: bool) -> dict:
     zero = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = cfg.zero3_persist_below
@@ -81,7 +83,7 @@ def model_state_mb(engine, stage3: bool) -> dict:
     return {"params_mb": mb(params), "master_mb": mb(master), "optimizer_mb": mb(moments)}
 
 
-def plain_reference(cfg) -> list[dict]:
+def plain_reference(cfg: TrainConfig) -> list[dict]:
     """The plain single-process loop (torch AdamW, the stream read in this process) on exactly what the job's rank 0
     of a 1-worker run trains on: same model build and seed, same plan, same augmentation draws. The recipe tests and
     the benchmark compare the job with it."""
@@ -105,7 +107,7 @@ class Evaluator:
     """Held-out loss (+ the world's exact metrics). Under ZeRO-3 every rank runs it on the same examples (the
     partitioned model gathers its layers in each forward, so no rank builds a copy of the model)."""
 
-    def __init__(self, cfg, model: UnifiedModel):
+    def __init__(self, cfg: TrainConfig, model: UnifiedModel):
         self.cfg, self.world = cfg, world_of(model)
         index = build_index([Source(path=cfg.eval_data)], allow_test=True)
         self.examples, _ = read_examples(index, model.tokenizer.policy, cfg.eval_limit)
@@ -179,14 +181,18 @@ def load_engine_state(engine, directory: Path, rank: int, lora: bool) -> None:
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------
-def train_loop(config: dict) -> None:
+def train_loop(config: dict[str, Any]) -> None:
+    """One rank's run. `config` is Ray Train's train_loop_config as jobs/train.py built it: {cfg, run_id, index_dir}."""
     import deepspeed
     import ray.train
     import torch.distributed as dist
 
-    from jobs.train_config import TrainConfig
     from jobs.train_export import export_model
 
+    # Ray Train hands every worker (and every restarted one) the dict the driver gave TorchTrainer, and the driver
+    # puts the config there as plain JSON (model_dump(mode="json")). Validated into a TrainConfig once, here, every
+    # function below gets a typed config, and a field this worker's code does not accept fails now, named, rather
+    # than mid-run; a TrainConfig passed as it is comes back unchanged (pydantic does not revalidate instances).
     cfg = TrainConfig.model_validate(config["cfg"])
     run_id, index_dir = config["run_id"], config["index_dir"]
     ctx = ray.train.get_context()

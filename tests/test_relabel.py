@@ -4,8 +4,9 @@ Covers: committed partitions + summary, Parquet round trip bit-exact, a rerun th
 driver is killed mid-run (same rows, exactly once, the killed run's uncommitted files removed), every bad input
 recorded with its reason (bad files, no key frames, a malformed manifest row, a duplicate id) and a crashing video
 retried a bounded number of times, an IDP actor killed mid-run, a CUDA-style device error in the actor (the actor
-exits, Ray restarts it, the batch is retried and every video is labelled), the filter's stratified top-K over
-(dataset, label) and its modes, reading committed output only.
+exits, Ray restarts it, the batch is retried and every video is labelled), the stages run in this process from
+their own params alone (the job's rows), the filter's stratified top-K over (dataset, label) and its modes, reading
+committed output only.
 """
 
 import json
@@ -204,6 +205,28 @@ def test_a_device_error_restarts_the_actor_and_the_batch_is_retried(reference, i
     assert (out / "_fault_cuda_once").is_file()  # the fault fired
     assert summary["videos_done"] == 12 and summary["videos_quarantined"] == 0 and summary["videos_retry_later"] == 0
     _same_rows(_rows(out), reference[2])
+
+
+def test_the_stages_run_from_their_own_params_alone_and_give_the_jobs_rows(reference, idp, small_world, tmp_path):
+    """Each stage takes only its params, no job config: run in this process, without Ray, on two videos, decode ->
+    label -> commit write exactly the rows the job wrote for them."""
+    import pyarrow as pa
+
+    from dynboot.data.keyframes import KeyframeConfig
+    from dynboot.data.manifest import MANIFEST_SCHEMA, build_manifest
+    from jobs.relabel_stages import DecodeParams, IDPLabeler, LabelParams, WriteParams, decode_stage, write_stage
+
+    out, size = str(tmp_path / "run"), reference[1]["image_size"]
+    partitions.mark_dataset(out)
+    listed = pa.Table.from_pylist(build_manifest(str(small_world / "videos"))[:2], schema=MANIFEST_SCHEMA)
+    videos = decode_stage(listed, DecodeParams(out=out, keyframes=KeyframeConfig(strategy="stills"), image_size=size,
+                                               max_attempts=2, io_attempts=1, io_backoff_s=0.0))
+    labelled = IDPLabeler(LabelParams(out=out, model_path=str(idp), backend="tiny", device="cpu", threads=1,
+                                      batch_size=8, max_attempts=2))(videos)
+    results = write_stage(labelled, WriteParams(out=out, rows_per_file=16, image_size=size)).to_pylist()
+    assert [r["status"] for r in results] == ["ok", "ok"] and sum(r["pairs"] for r in results) == 16
+    ids = {r["video_id"] for r in results}
+    _same_rows(_rows(out), [r for r in reference[2] if r["video_id"] in ids])
 
 
 @pytest.mark.slow  # a relabel run or two on a real cluster: ~30-100 s on 2 shared cores
