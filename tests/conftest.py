@@ -1,4 +1,4 @@
-"""Shared fixtures: a small generated world (session-scoped), a local Ray cluster started by the test session."""
+"""Shared fixtures: a loopback S3 server, small generated worlds and tiny models (session-scoped), one torch thread."""
 
 from __future__ import annotations
 
@@ -37,6 +37,22 @@ def small_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")
     generate_world(WorldConfig(out=str(out), gold=200, videos=12, test=100, seed=0, workers=1))
     return out
+
+
+@pytest.fixture(scope="session")
+def world_models(tmp_path_factory):
+    """A tiny world (40 gold pairs, 2 videos, 10 test pairs) and two untrained xxs models, the FDP (seed 0) and the
+    IDP (seed 1), saved beside it: (root, spec, fdp, idp) with root/world, root/fdp, root/idp. Tests only read them."""
+    from dynboot.models.tiny import TinyWorldModel
+    from dynboot.world.generate import WorldConfig, generate_world, load_spec
+
+    root = tmp_path_factory.mktemp("world_models")
+    generate_world(WorldConfig(out=str(root / "world"), gold=40, videos=2, test=10, seed=5, workers=1))
+    spec = load_spec(root / "world")
+    fdp, idp = TinyWorldModel.create(spec, "xxs", seed=0), TinyWorldModel.create(spec, "xxs", seed=1)
+    fdp.save(root / "fdp")
+    idp.save(root / "idp")
+    return root, spec, fdp.eval(), idp.eval()
 
 
 @pytest.fixture(scope="module")

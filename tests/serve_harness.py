@@ -9,6 +9,7 @@ nothing here depends on accuracy. Servers listen on 127.0.0.1 only.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import time
@@ -67,6 +68,16 @@ def post_edit(url: str, before: bytes, prompt: str | None = "move the red circle
     if prompt is not None:
         parts.append(("prompt", (None, prompt)))
     return httpx.post(f"{url}/v1/images/edits", files=parts, headers=headers, timeout=timeout)
+
+
+def post_rollout(url: str, image: bytes, actions, timeout: float = 120, headers=None, **fields) -> httpx.Response:
+    """Multipart POST to /v1/rollouts: `image` (PNG bytes) unless None, `actions` as a JSON array unless given as a
+    string (or None: left out), text fields as for post_edit."""
+    parts = [("image", ("start.png", image, "image/png"))] if image is not None else []
+    parts += [(k, (None, str(v))) for k, v in fields.items()]
+    if actions is not None:
+        parts.append(("actions", (None, actions if isinstance(actions, str) else json.dumps(actions))))
+    return httpx.post(f"{url}/v1/rollouts", files=parts, headers=headers, timeout=timeout)
 
 
 def error_of(r: httpx.Response) -> dict:

@@ -7,33 +7,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dynboot.models.tiny import TinyWorldModel
 from dynboot.data.pairs import load_examples
 from dynboot.method.predict import PredictSettings, predict
 from dynboot.method.verify import verifier_sees_codes
-from dynboot.world.generate import WorldConfig, generate_world, load_spec
 from dynboot.eval.world_eval import best_of_n_eval, fdp_eval, idp_eval, items_of
 from jobs.evaluate import EvalConfig, run
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and more oversubscribe a shared 2-core box
-    root = tmp_path_factory.mktemp("predict")
-    generate_world(WorldConfig(out=str(root / "world"), gold=0, videos=0, test=6, seed=5, workers=1))
-    spec = load_spec(root / "world")
-    fdp, idp = TinyWorldModel.create(spec, "xxs", seed=0), TinyWorldModel.create(spec, "xxs", seed=1)
-    fdp.save(root / "fdp")
-    idp.save(root / "idp")
-    yield root, spec, fdp.eval(), idp.eval()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_predictions_do_not_depend_on_batching_or_order(models):
-    root, spec, fdp, idp = models
+def test_predictions_do_not_depend_on_batching_or_order(world_models):
+    root, spec, fdp, idp = world_models
     items = items_of(load_examples(root / "world" / "test" / "test.json"))
     s = PredictSettings(n=4, seed=7)
     full = {p.index: p for p in predict(fdp, idp, items, s)}
@@ -46,8 +30,8 @@ def test_predictions_do_not_depend_on_batching_or_order(models):
     assert verifier_sees_codes(fdp, idp)
 
 
-def test_library_and_eval_job_give_the_same_numbers(models, tmp_path):
-    root, spec, fdp, idp = models
+def test_library_and_eval_job_give_the_same_numbers(world_models, tmp_path):
+    root, spec, fdp, idp = world_models
     examples = load_examples(root / "world" / "test" / "test.json")
     ns = [1, 2, 4]
     lib = best_of_n_eval(fdp, idp, examples, spec, ns, seed=3)
@@ -68,8 +52,8 @@ def test_library_and_eval_job_give_the_same_numbers(models, tmp_path):
     assert summary["items"] == len(examples)
 
 
-def test_eval_resumes_from_committed_prediction_parts(models, tmp_path, capsys):
-    root, *_ = models
+def test_eval_resumes_from_committed_prediction_parts(world_models, tmp_path, capsys):
+    root, *_ = world_models
     cfg = EvalConfig(data=str(root / "world" / "test"), fdp_path=str(root / "fdp"), idp_path=str(root / "idp"),
                      out=str(tmp_path / "eval"), n=[1, 2], use_ray=False, batch_size=2, limit=4)
     run(cfg)

@@ -15,28 +15,13 @@ from dynboot.eval.rollout import (Rollout, RolloutCase, exact_by_step, rollout, 
 from dynboot.method.verify import verification_scores
 from dynboot.world.actions import apply_action, parse_action
 from dynboot.world.episodes import pair_key
-from dynboot.world.generate import WorldConfig, generate_world, load_spec
 from dynboot.world.render import render
 
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from dynboot.models.tiny import TinyWorldModel
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and more oversubscribe a shared 2-core box
-    root = tmp_path_factory.mktemp("rollout")
-    generate_world(WorldConfig(out=str(root / "world"), gold=40, videos=2, test=10, seed=5, workers=1))
-    spec = load_spec(root / "world")
-    fdp, idp = TinyWorldModel.create(spec, "xxs", seed=0), TinyWorldModel.create(spec, "xxs", seed=1)
-    fdp.save(root / "fdp")
-    idp.save(root / "idp")
-    yield root, spec, fdp.eval(), idp.eval()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_world_cases_are_true_episodes_avoiding_the_training_transitions(models):
-    root, spec, _, _ = models
+def test_world_cases_are_true_episodes_avoiding_the_training_transitions(world_models):
+    root, spec, _, _ = world_models
     avoid = training_transitions(spec, root / "world")
     assert len(avoid) >= 40 + 10 + 2 * 8 - 5  # gold + test + the videos' transitions (a few may coincide)
     cases = world_cases(spec, 12, 3, seed=0, avoid=avoid)
@@ -58,9 +43,9 @@ def spec_scene(spec, image):
     return parse(spec, image[None])[0]
 
 
-def test_each_step_is_the_verifiers_best_sampled_from_the_previous_choice(models):
+def test_each_step_is_the_verifiers_best_sampled_from_the_previous_choice(world_models):
     """Re-derive step by step through predict + verification_scores: the rollout feeds back its own choice."""
-    _, spec, fdp, idp = models
+    _, spec, fdp, idp = world_models
     cases = world_cases(spec, 3, 3, seed=2)
     rolls = rollout(fdp, idp, cases, PredictSettings(n=4, seed=11))
     for c, r in zip(cases, rolls):
@@ -77,8 +62,8 @@ def test_each_step_is_the_verifiers_best_sampled_from_the_previous_choice(models
     assert len({tuple(r.chosen) for r in rolls}) > 1 or len({s for r in rolls for s in r.chosen}) > 1
 
 
-def test_a_case_does_not_depend_on_the_others_and_a_bad_case_fails_alone(models):
-    _, spec, fdp, idp = models
+def test_a_case_does_not_depend_on_the_others_and_a_bad_case_fails_alone(world_models):
+    _, spec, fdp, idp = world_models
     cases = world_cases(spec, 4, 2, seed=3)
     full = rollout(fdp, idp, cases, PredictSettings(n=2, seed=0))
     broken = RolloutCase(99, np.zeros((7,), np.uint8), ["move the red circle up", "remove the red circle"])
@@ -89,8 +74,8 @@ def test_a_case_does_not_depend_on_the_others_and_a_bad_case_fails_alone(models)
     assert all(r.chosen == [0, 0] and all(len(s) == 1 and np.isnan(s[0]) for s in r.scores) for r in unverified)
 
 
-def test_world_scores_count_exact_steps_and_exact_prefixes(models):
-    _, spec, _, _ = models
+def test_world_scores_count_exact_steps_and_exact_prefixes(world_models):
+    _, spec, _, _ = world_models
     cases = world_cases(spec, 3, 3, seed=4)
     truth_images = [[render(spec, s) for s in c.truth] for c in cases]
     wrong = render(spec, np.zeros(spec.cells, np.int64))
@@ -109,10 +94,10 @@ def test_world_scores_count_exact_steps_and_exact_prefixes(models):
                                             "2": {"n": 1, "exact": 0.0, "exact_so_far": 0.0}}
 
 
-def test_rollout_job_writes_the_run_directory_and_resumes(models, tmp_path, capsys):
+def test_rollout_job_writes_the_run_directory_and_resumes(world_models, tmp_path, capsys):
     from dynboot.cli import main
 
-    root, spec, _, _ = models
+    root, spec, _, _ = world_models
     out = tmp_path / "run"
     args = ["rollout", f"world={root / 'world'}", f"fdp_path={root / 'fdp'}", f"idp_path={root / 'idp'}",
             "episodes=3", "steps=2", "n=[1,3]", "strips=2", f"out={out}", f"results={tmp_path / 'bench.json'}"]
