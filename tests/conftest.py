@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,12 @@ def world_models(tmp_path_factory):
     from dynboot.world.generate import WorldConfig, generate_world, load_spec
 
     root = tmp_path_factory.mktemp("world_models")
-    generate_world(WorldConfig(out=str(root / "world"), gold=40, videos=2, test=10, seed=5, workers=1))
-    spec = load_spec(root / "world")
-    fdp, idp = TinyWorldModel.create(spec, "xxs", seed=0), TinyWorldModel.create(spec, "xxs", seed=1)
-    fdp.save(root / "fdp")
-    idp.save(root / "idp")
+    with torch_on_one_thread():  # set up before any module's one_torch_thread (session scope comes first)
+        generate_world(WorldConfig(out=str(root / "world"), gold=40, videos=2, test=10, seed=5, workers=1))
+        spec = load_spec(root / "world")
+        fdp, idp = TinyWorldModel.create(spec, "xxs", seed=0), TinyWorldModel.create(spec, "xxs", seed=1)
+        fdp.save(root / "fdp")
+        idp.save(root / "idp")
     return root, spec, fdp.eval(), idp.eval()
 
 
@@ -59,9 +61,17 @@ def world_models(tmp_path_factory):
 def one_torch_thread():
     """One torch thread for a module of tiny-model tests: they gain nothing from intra-op threads and lose a lot
     when the cores are shared (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    with torch_on_one_thread():
+        yield
+
+
+@contextmanager
+def torch_on_one_thread():
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
