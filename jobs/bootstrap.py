@@ -101,9 +101,12 @@ def _train(cfg: BootstrapConfig, world: Path, out: Path, task: str, data: list[d
 
     if _done(out):
         return
-    # train-time evaluation (logged only, it selects nothing) reads validation pairs: the first of test.json
+    # train-time evaluation (logged only, it selects nothing) reads validation pairs, the first of test.json, and
+    # computes held-out loss only: greedy generation there cost more than the training on 2 cores (the quickstart's
+    # train_exact=false); each round's eval stage measures exact match
     train(world_train_config(task, data, str(out), steps, str(world / "test"), batch_size=cfg.batch_size, size=cfg.size,
-                             weighting=cfg.weighting, zero_stage=cfg.zero_stage, eval_limit=min(cfg.val, 64)))
+                             weighting=cfg.weighting, zero_stage=cfg.zero_stage, eval_limit=min(cfg.val, 64),
+                             eval_generate=False))
 
 
 def _kept(stage: Path) -> int:
