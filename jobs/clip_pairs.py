@@ -5,8 +5,9 @@
         out=s3://bucket/epic_pairs
     dynboot train ... 'data=[/data/AURORA, {path: s3://bucket/epic_pairs, weight: 15000}]'
 
-Writes `<out>/pairs-NNNNN.parquet` (pair rows, source gold), `<out>/quarantine/clips.jsonl` (every clip that gave
-no pair, with its reason) and `<out>/summary.json`.
+Writes the run directory (dynboot.io.rundir): `<out>/pairs-NNNNN.parquet` (pair rows, source gold),
+`<out>/quarantine/clips.jsonl` (every clip that gave no pair: its manifest line, video and reason), config.yaml,
+metrics.jsonl and summary.json. A rerun rewrites every file, so it must have the recorded config (resume=).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pydantic import Field
 from dynboot.cli import job_main
 from dynboot.data.clip_pairs import ClipColumns, TimeUnit, write_clip_pairs
 from dynboot.config import Config
+from dynboot.io import storage
+from dynboot.io.rundir import ResumeMode, RunDir
 
 
 class ColumnsConfig(Config):
@@ -39,13 +42,17 @@ class ClipPairsConfig(Config):
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Manifest columns.")
     rows_per_file: int = Field(1024, ge=1, description="Pair rows per Parquet file.")
     workers: int = Field(4, ge=1, description="Videos decoded at a time (threads: the decoders release the GIL).")
+    resume: ResumeMode = Field("auto", description="auto: a rerun (it rewrites every file) must have the recorded "
+                               "config; force: even if it differs; off: set the old run's files aside first.")
 
 
 def run(cfg: ClipPairsConfig) -> dict:
     c = cfg.columns
-    summary = write_clip_pairs(cfg.manifest, cfg.out, ClipColumns(c.video, c.start, c.end, c.label),
-                               rows_per_file=cfg.rows_per_file, video_root=cfg.videos or None, extension=cfg.extension,
-                               unit=cfg.unit, dataset=cfg.dataset, workers=cfg.workers)
+    earlier = tuple(storage.name(p) for p in storage.list_files(cfg.out, recursive=False, suffixes=(".parquet",)))
+    with RunDir(cfg.out).open(cfg, resume=cfg.resume, set_aside=("quarantine", *earlier)) as rd:
+        summary = write_clip_pairs(cfg.manifest, rd.uri_root, ClipColumns(c.video, c.start, c.end, c.label),
+                                   rows_per_file=cfg.rows_per_file, video_root=cfg.videos or None,
+                                   extension=cfg.extension, unit=cfg.unit, dataset=cfg.dataset, workers=cfg.workers)
     print(f"clip pairs: {summary['pairs']} pairs in {summary['files']} files, {summary['quarantined']} clips "
           f"quarantined {summary['reasons']} -> {cfg.out}")
     return summary

@@ -8,12 +8,15 @@ Aurora-Bench, as a Ray Data batch job; world metrics, an LLM judge for Aurora, I
 
 Stages:
   1. load: records + images (PNG bytes); a missing or unreadable image is quarantined, not fatal
-  2. predict (Ray Data, actor pool holding the models): max(n) FDP samples per item, seeded per item so
-     results do not depend on batching or actors; verifier scores; a greedy sample; IDP captions
+  2. predict (jobs/evaluate_predict.py; Ray Data, actor pool holding the models): max(n) FDP samples per item,
+     seeded per item so results do not depend on batching or actors; verifier scores; a greedy sample; IDP captions
   3. judge (Aurora only): the candidates any N chooses, and the greedy edit, through `dynboot.eval.judge`
   4. metrics: best-of-N over disjoint groups of the same samples (`dynboot.eval.metrics`), oracle, greedy;
      IDP exact / structured / BLEU / ROUGE-L; pseudo-label accuracy of a relabel output when asked
-  5. write: predictions.parquet, metrics.json, summary.json, report.md, grid.png, score_vs_n.png
+  5. write: predictions.parquet, metrics.json, summary.json, metrics.jsonl, report.md, grid.png, score_vs_n.png
+
+An item that could not be evaluated is a line of quarantine/inputs.jsonl (dynboot.io.rundir.quarantine_row: its
+input the item's index, its reason an `InputFault`). The config is jobs/evaluate_config.py.
 """
 
 from __future__ import annotations
@@ -21,71 +24,22 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
 
+from dynboot.cli import job_main
 from dynboot.data.aurora import read_aurora
 from dynboot.io.images import decode_image, encode_png
-from dynboot.cli import job_main
-from dynboot.config import Config
-from dynboot.io.rundir import ResumeMode, RunDir, append_jsonl, atomic_write_bytes, write_json
-from dynboot.method.verify import Verifier
-from dynboot.method.predict import BestOfNs
+from dynboot.io.rundir import RunDir, append_jsonl, atomic_write_bytes, quarantine_row, read_jsonl, write_json
+from jobs.evaluate_config import EvalConfig
+from jobs.evaluate_predict import predict
 
-AURORA_SUBSETS = ["magicbrush", "ag", "something", "whatsup", "kubric"]  # the 5 with targets (paper §5.1)
+__all__ = ["InputFault"]
 
-
-class EvalConfig(Config):
-    """dynboot eval: FDP best-of-N + IDP over a world test split or Aurora-Bench."""
-
-    # what a rerun may change: which items, the judge, and how the work is spread; not what is predicted
-    rerun_may_change: ClassVar[frozenset[str]] = frozenset({
-        "limit", "subsets", "judge", "judge_model", "judge_base_url", "judge_api_key_env", "judge_concurrency",
-        "judge_max_retries", "judge_backoff_s", "judge_cache", "relabel_dir", "truth", "use_ray", "actors",
-        "actor_cpus", "actor_gpus", "device", "threads", "batch_size", "grid_examples"})
-
-    data: str = Field("runs/world/test", description="World test dir (or its test.json), or an AURORA-format test.json.")
-    mode: Literal["auto", "world", "aurora"] = Field("auto", description="auto: world when truth.jsonl sits beside test.json.")
-    fdp_path: str = Field("", description="FDP checkpoint dir; empty = no FDP evaluation.")
-    idp_path: str = Field("", description="IDP checkpoint dir (verifier + captions); empty = no IDP, N=1 only.")
-    backend: str = Field("", description="Backend name; empty = read from each checkpoint's dynboot.json.")
-    n: BestOfNs = Field([1, 2, 4, 8], description="Best-of-N values; max(n) samples per item, reused by every N.")
-    temperature: float = Field(1.0, ge=0, description="FDP sampling temperature (paper: 1).")
-    top_k: int = Field(0, ge=0, description="FDP top-k (0 = off).")
-    seed: int = Field(0, description="Sampling seed; item i samples with seed + i.")
-    greedy: bool = Field(True, description="Also evaluate one greedy (temperature 0) FDP sample per item.")
-    verifier: Verifier = Field(default_factory=Verifier, description="How best-of-N ranks candidates "
-                               "(dynboot.method.verify): score=idp (the paper), fdp, idp+fdp (also sees over-editing), idp+edit.")
-    batch_size: int = Field(8, ge=1, description="Items per predictor call.")
-    limit: int = Field(0, ge=0, description="Evaluate only the first `limit` items (0 = all).")
-    subsets: list[str] = Field(AURORA_SUBSETS, description="Aurora tasks to evaluate (empty = all).")
-    judge: bool = Field(True, description="Aurora: judge FDP edits with the LLM judge.")
-    judge_model: str = Field("gpt-4o-2024-11-20", description="Judge model name.")
-    judge_base_url: str = Field("", description="OpenAI-compatible base URL; empty = api.openai.com.")
-    judge_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the judge API key.")
-    judge_concurrency: int = Field(4, ge=1, description="Judge requests in flight.")
-    judge_max_retries: int = Field(6, ge=0, description="Retries on 429 / 5xx / connection errors (exponential back-off).")
-    judge_backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles each retry.")
-    judge_cache: str = Field("", description="Judge reply cache (JSONL); empty = <out>/judge_cache.jsonl.")
-    relabel_dir: str = Field("", description="A relabel run's shards dir: score its pseudo-labels against `truth`.")
-    truth: str = Field("", description="videos_truth.jsonl for relabel_dir.")
-    out: str = Field("runs/eval", description="Run directory.")
-    use_ray: bool = Field(True, description="Run prediction as a Ray Data job (false: in this process).")
-    actors: int = Field(1, ge=1, description="Max predictor actors (each holds the FDP and IDP).")
-    actor_cpus: float = Field(1.0, gt=0, description="CPUs per predictor actor (fractional on small machines).")
-    actor_gpus: float = Field(0.0, ge=0, description="GPUs per predictor actor.")
-    device: str = Field("cpu", description="Torch device inside the predictor.")
-    threads: int = Field(1, ge=0, description="Torch intra-op threads per predictor (0 = torch default); >1 on a "
-                         "busy small CPU box oversubscribes it (measured 100x slower sampling).")
-    grid_examples: int = Field(6, ge=0, description="Items shown in grid.png.")
-    resume: ResumeMode = Field("auto", description="auto: a rerun predicts only the items not yet predicted (its "
-                               "config must match the recorded one, but for the fields a rerun may change); force: "
-                               "even if it differs; off: set the old predictions aside and start over.")
-
+InputFault = Literal["unreadable_image", "prediction_failed"]  # why an item is in quarantine/inputs.jsonl
 
 # ---- 1. load ---------------------------------------------------------------------------------------
 def resolve_data(cfg: EvalConfig) -> tuple[str, Path]:
@@ -111,8 +65,7 @@ def load_items(cfg: EvalConfig, mode: str, json_path: Path, run: RunDir) -> list
         try:
             return encode_png(decode_image((json_path.parent / rel).read_bytes()))
         except (OSError, ValueError) as err:
-            append_jsonl(run.quarantine / "inputs.jsonl", {"index": rec.index, "task": rec.task, "path": rel,
-                                                           "stage": stage, "error": f"{type(err).__name__}: {err}"})
+            append_jsonl(run.quarantine / "inputs.jsonl", quarantine_row(rec.index, stage, "unreadable_image", err, path=rel))
             return None
 
     for rec in records[: cfg.limit or None]:
@@ -124,135 +77,6 @@ def load_items(cfg: EvalConfig, mode: str, json_path: Path, run: RunDir) -> list
             continue  # a world item with a broken file is broken data: skipped (and reported) whole
         items.append({"index": rec.index, "task": rec.task, "instruction": rec.instruction, "before": before, "target": target})
     return items
-
-
-# ---- 2. predict --------------------------------------------------------------------------------------
-class Predictor:
-    """Holds the FDP and IDP; one call = one batch of items (pyarrow in, pyarrow out), through the one
-    prediction core (`dynboot.method.predict`: seeded per item, the verifier reading codes or images as it decides)."""
-
-    def __init__(self, cfg: dict):
-        import torch
-
-        from dynboot.models.registry import load_model
-
-        self.cfg = c = EvalConfig.model_validate(cfg)
-        if c.threads:
-            torch.set_num_threads(c.threads)
-        load = lambda p: load_model(p, backend=c.backend or None, device=c.device).eval()  # noqa: E731
-        self.fdp = load(c.fdp_path) if c.fdp_path else None
-        self.idp = (self.fdp if c.idp_path == c.fdp_path else load(c.idp_path)) if c.idp_path else None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from dynboot.method.predict import Item, predict
-
-        items, out = [], []
-        for r in batch.to_pylist():
-            try:
-                items.append(Item(r["index"], decode_image(r["before"]), r["instruction"],
-                                  decode_image(r["target"]) if r["target"] else None))
-            except ValueError as err:
-                out.append(_prediction_row(r["index"], error=f"{type(err).__name__}: {err}"))
-        for p in predict(self.fdp, self.idp, items, settings(self.cfg)):
-            out.append(_prediction_row(
-                p.index, candidates=[encode_png(im) for im in p.candidate_images] if p.candidate_images is not None else [],
-                scores=[float(x) for x in p.scores] if p.scores is not None else [],
-                greedy=encode_png(p.greedy_image) if p.greedy_image is not None else b"",
-                caption=p.caption or "", error=p.error))
-        return pa.Table.from_pylist(out, schema=PREDICTION_SCHEMA)
-
-
-PREDICTION_SCHEMA = pa.schema([("index", pa.int64()), ("candidates", pa.list_(pa.binary())), ("scores", pa.list_(pa.float64())),
-                               ("greedy", pa.binary()), ("caption", pa.string()), ("error", pa.string())])
-
-
-def _prediction_row(index: int, candidates=(), scores=(), greedy=b"", caption="", error="") -> dict:
-    return {"index": index, "candidates": list(candidates), "scores": list(scores), "greedy": greedy,
-            "caption": caption, "error": error[:500]}
-
-
-def settings(cfg: EvalConfig):
-    from dynboot.method.predict import PredictSettings
-
-    ranks = bool(cfg.idp_path) or cfg.verifier.score == "fdp"
-    return PredictSettings(n=max(cfg.n) if ranks else 1, temperature=cfg.temperature, top_k=cfg.top_k,
-                           seed=cfg.seed, greedy=cfg.greedy, captions=bool(cfg.idp_path), verifier=cfg.verifier,
-                           decode=True)
-
-
-def predict(cfg: EvalConfig, items: list[dict], run: RunDir) -> list[dict]:
-    """Predictions of `items`, committed in parts (`predictions/part-*.parquet`) as they arrive, so a rerun
-    predicts only the items no part holds yet."""
-    done = _read_parts(run)
-    todo = [it for it in items if it["index"] not in done]
-    if len(todo) < len(items):
-        print(f"[eval] resuming: {len(items) - len(todo)} items already predicted, {len(todo)} to do", flush=True)
-    writer = _PartWriter(run, every=max(cfg.batch_size, 32))
-    try:
-        if todo and not cfg.use_ray:
-            import torch
-
-            threads = torch.get_num_threads()
-            try:
-                predictor = Predictor(cfg.model_dump())
-                for i in range(0, len(todo), cfg.batch_size):
-                    writer.add(predictor(pa.Table.from_pylist(todo[i: i + cfg.batch_size])).to_pylist())
-            finally:
-                torch.set_num_threads(threads)  # this process's setting, as it was
-        elif todo:
-            import ray
-
-            started = not ray.is_initialized()
-            if started:
-                ray.init(include_dashboard=False)  # joins the cluster under `ray job submit`, else a local one
-            try:
-                ds = ray.data.from_items(todo).map_batches(  # stateful actors: models load once per actor
-                    Predictor, fn_constructor_kwargs={"cfg": cfg.model_dump()}, batch_size=cfg.batch_size,
-                    batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
-                    num_cpus=cfg.actor_cpus, num_gpus=cfg.actor_gpus)
-                for row in ds.iter_rows():
-                    writer.add([row])
-            finally:
-                if started:
-                    ray.shutdown()
-    finally:
-        writer.flush()
-    done = _read_parts(run)
-    return sorted((done[it["index"]] for it in items if it["index"] in done), key=lambda r: r["index"])
-
-
-def _read_parts(run: RunDir) -> dict[int, dict]:
-    from dynboot.io import storage
-
-    rows: dict[int, dict] = {}
-    for part in storage.list_files(run.uri("predictions"), suffixes=(".parquet",)):
-        fs, inner = storage.resolve(part)
-        for r in pq.read_table(inner, filesystem=fs, schema=PREDICTION_SCHEMA).to_pylist():
-            rows[r["index"]] = r
-    return rows
-
-
-class _PartWriter:
-    """Buffers prediction rows and publishes them as whole Parquet parts (a killed run loses one part at most)."""
-
-    def __init__(self, run: RunDir, every: int):
-        from dynboot.io import storage
-
-        self.run, self.every, self.rows = run, every, []
-        self.next = len(storage.list_files(run.uri("predictions"), suffixes=(".parquet",), hidden=True))
-
-    def add(self, rows: list[dict]) -> None:
-        self.rows += rows
-        if len(self.rows) >= self.every:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        buf = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(self.rows, schema=PREDICTION_SCHEMA), buf)
-        atomic_write_bytes(self.run.uri("predictions", f"part-{self.next:05d}.parquet"), buf.getvalue().to_pybytes())
-        self.next, self.rows = self.next + 1, []
 
 
 # ---- 3-4. judge and metrics ---------------------------------------------------------------------------
@@ -389,7 +213,8 @@ def _run(cfg: EvalConfig, run_dir: RunDir, t0: float) -> dict:
     t2 = time.time()
     for p in preds:
         if p.get("error"):
-            append_jsonl(run_dir.quarantine / "inputs.jsonl", {"index": p["index"], "stage": "predict", "error": p["error"]})
+            append_jsonl(run_dir.quarantine / "inputs.jsonl", quarantine_row(p["index"], "predict", "prediction_failed",
+                                                                              error=p["error"]))
     by_index = {p["index"]: p for p in preds}
     rows = [{**it, **by_index.get(it["index"], {})} for it in items]
     metrics = world_metrics(cfg, json_path, rows, ns) if mode == "world" else aurora_metrics(cfg, rows, ns, judge)
@@ -397,7 +222,7 @@ def _run(cfg: EvalConfig, run_dir: RunDir, t0: float) -> dict:
     write_predictions(rows, ns, run_dir.path("predictions.parquet"))
     write_json(run_dir.path("metrics.json"), {"mode": mode, "data": str(json_path), "n": ns, **metrics})
     table = eval_report(run_dir.root, mode, metrics, rows, ns, cfg.grid_examples, title=f"dynboot eval: {json_path}")
-    quarantined = len((run_dir.quarantine / "inputs.jsonl").read_text().splitlines()) if (run_dir.quarantine / "inputs.jsonl").exists() else 0
+    quarantined = len(read_jsonl(run_dir.quarantine / "inputs.jsonl"))
     summary = {"mode": mode, "items": len(items), "quarantined": quarantined,
                "predict_errors": sum(bool(p.get("error")) for p in preds), "n": ns,
                "seconds": {"load": round(t1 - t0, 2), "predict": round(t2 - t1, 2), "metrics": round(t3 - t2, 2),

@@ -206,6 +206,7 @@ def run(cfg: FilterConfig) -> dict[str, Any]:
                    "top_k": cfg.top_k, "files_in": len(files), "files_written": len(kept_files),
                    "pairs_kept": int(pc.sum(index.column("pairs")).as_py() or 0) if index.num_rows else 0,
                    **stats, "wall_s": round(time.time() - t0, 2)}
+        rd.log(**{k: summary[k] for k in ("pairs_in", "pairs_kept", "files_in", "files_written", "wall_s")})
         rd.write_summary(summary)
     print(f"[filter] {cfg.mode}: kept {summary['pairs_kept']} of {stats['pairs_in']} pairs in {len(kept_files)} files "
           f"-> {out} (classes: {stats['stratified_by']})", flush=True)

@@ -11,7 +11,8 @@ Stages:
   2. roll out, once per N (dynboot.eval.rollout.rollout: the one prediction core and verifier); each N's rows are written
      to rollouts/n<N>.parquet as soon as it is done, so a rerun redoes only the N values missing
   3. score: exact and exact-so-far per step (the world's exact parser), the paired gap of the largest N over N=1
-  4. write: summary.json (+ `results` when set), metrics.jsonl, report.md, strips/case<i>.png (truth and every N)
+  4. write: summary.json (+ `results` when set), metrics.jsonl, report.md, strips/case<i>.png (truth and every N),
+     quarantine/rollouts.jsonl (a case that failed at some N: dynboot.io.rundir.quarantine_row, its input the case)
 
 It runs in one process: a step of every case is one predict call, and the tiny world models need no cluster. On a
 cluster, submit it as a Ray job with the resources of one model replica.
@@ -31,7 +32,8 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config
-from dynboot.io.rundir import ConfigChanged, ResumeMode, RunDir, RunDirBusy, append_jsonl, atomic_write_bytes, write_json
+from dynboot.io.rundir import (ConfigChanged, ResumeMode, RunDir, RunDirBusy, append_jsonl, atomic_write_bytes,
+                               quarantine_row, write_json)
 from dynboot.method.verify import NEEDS_IDP, Verifier
 from dynboot.method.predict import BestOfNs
 
@@ -155,10 +157,13 @@ def _write(cfg: RolloutConfig, rd: RunDir, spec, cases, tables: dict, seconds: d
     by_n = {n: _scores(t, cfg.steps) for n, t in tables.items()}
     (rd.quarantine / "rollouts.jsonl").unlink(missing_ok=True)  # this run's failures only
     for n, t in tables.items():
+        failed: dict[int, dict] = {}  # case -> its first failed step (the later ones carry the same error)
         for r in t.filter(pc.not_equal(t["error"], "")).to_pylist():
             if r["error"] != "not reached":
-                append_jsonl(rd.quarantine / "rollouts.jsonl", {"index": r["index"], "n": n, "step": r["step"],
-                                                                "stage": "rollout", "error": r["error"]})
+                failed.setdefault(r["index"], r)
+        for r in failed.values():
+            append_jsonl(rd.quarantine / "rollouts.jsonl", quarantine_row(
+                r["index"], "rollout", "rollout_failed", error=f"N={n}, {r['error']}"))  # the error names its step
     lo, hi = min(by_n), max(by_n)
     paired = {t: paired_comparison([h[t - 1] for h in by_n[hi]["per_case"]], [h[t - 1] for h in by_n[lo]["per_case"]])
               for t in range(1, cfg.steps + 1)} if hi != lo else {}

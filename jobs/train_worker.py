@@ -27,7 +27,7 @@ from dynboot.data.data_index import build_index, load_index
 from dynboot.data.ingest import RankStream, read_examples
 from dynboot.data.mixture import Source, gold_only
 from dynboot.models.base import UnifiedModel
-from dynboot.io.rundir import RunDir, read_jsonl, write_json
+from dynboot.io.rundir import RunDir, quarantine_row, read_jsonl, write_json
 from dynboot.training.trainer import TrainCore, build_optimizer
 from jobs.train_config import TrainConfig
 from jobs.train_model import build_model, train_dtype, world_of
@@ -268,8 +268,8 @@ def train_loop(config: dict[str, Any]) -> None:
     stream.close()
     export = export_model(cfg, model, engine, probe, rank, device, train_dtype(bf16), lora)
     if stream.malformed:
-        storage.write_text(run.uri("quarantine", f"train_rank{rank}.jsonl"),
-                           "".join(json.dumps({"id": k, "error": v, "stage": "train"}) + "\n" for k, v in stream.malformed.items()))
+        storage.write_text(run.uri("quarantine", f"train_rank{rank}.jsonl"), "".join(
+            json.dumps(quarantine_row(pair_id, "train", "malformed_row", error=why)) + "\n" for pair_id, why in stream.malformed.items()))
     peak = {"rank": rank, "malformed": sorted(stream.malformed), "skipped_rows": stream.skipped,
             "train_s": round(core.t_train, 3), "cpu_s": round(core.cpu_train, 3), "samples": core.samples // world,
             "data_wait_s": round(stream.wait_s, 3), "position": stream.state(),

@@ -18,6 +18,7 @@ from dynboot.data.aurora import BenchmarkRefused, aurora_sets
 from dynboot.data.clip_pairs import ClipColumns, parse_time, write_clip_pairs
 from dynboot.data.data_index import EmptySource, build_index, record_index, load_index
 from dynboot.io.images import ImagePolicy
+from dynboot.io.rundir import contract_problems
 from dynboot.data.ingest import RankStream, read_examples
 from dynboot.data.mixture import Source
 
@@ -138,7 +139,8 @@ def test_clip_pairs_from_real_footage(tmp_path):
     assert len(ex) == 3 and not bad and ex[0].before.shape == (64, 64, 3)
     assert not np.array_equal(ex[0].before, ex[0].after)  # first and last frame of a moving clip differ
     quarantine = [json.loads(x) for x in (out / "quarantine" / "clips.jsonl").read_text().splitlines()]
-    assert sorted(q["row"] for q in quarantine) == [3, 5, 6, 7]
+    assert sorted(q["input"] for q in quarantine) == [3, 5, 6, 7]  # the clips' manifest lines
+    assert {q["path"] for q in quarantine if q["reason"] == "video_not_found"} == {str(clips / "missing_clip.mp4")}
     # the same through the job's command line (key=value overrides)
     from dynboot.config import load_config
     from jobs.clip_pairs import ClipPairsConfig, run
@@ -147,6 +149,7 @@ def test_clip_pairs_from_real_footage(tmp_path):
                                             "extension=.mp4", "columns.video=video_id", "columns.start=start_timestamp",
                                             "columns.end=stop_timestamp", "columns.label=narration"]))
     assert job["pairs"] == 3 and job["reasons"] == summary["reasons"]
+    assert not contract_problems(tmp_path / "job")
 
 
 def test_parse_time_spellings():

@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from dynboot.io.rundir import contract_problems
+
 
 def test_calibrated_threshold_is_the_lowest_cut_at_the_precision():
     from dynboot.eval.back_translation import calibrate_threshold
@@ -63,6 +65,7 @@ def test_bootstrap_rounds_small(tmp_path):
     assert not (out / "round_2").exists() and not (out / "round_1" / "backtranslate").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
+    assert not contract_problems(out)
     for rec in summary["records"]:
         assert set(rec["idp"]["by_type"]) <= {"move", "remove", "add", "swap"} and rec["idp"]["by_type"]
         assert rec["pseudo_labels"]["pairs"] > 0 and "accuracy" in rec["pseudo_labels_kept"]

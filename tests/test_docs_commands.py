@@ -5,7 +5,9 @@ A complete command runs with `--check` (dynboot.cli.job_main: the config file, e
 validated and the resolved config printed, nothing runs), so a renamed field or a wrong value in the docs fails
 here with the job's own error. A template in prose or in the commands table (`[CFG]`, `…`, `a|b` alternatives)
 cannot run as written: its `key=` names are checked against the job's config instead. Running the commands at a
-tiny size is what the quickstart, protocol and job tests do; this test makes sure the docs say what they run.
+tiny size is what the quickstart, protocol and job tests do; this test makes sure the docs say what they run, and
+runs the cheap one for real (`dynboot world`, its placeholders filled with a tiny world) to check that it writes the
+run-directory contract (dynboot.io.rundir.contract_problems).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 
 from dynboot import cli
 from dynboot.config import Config
+from dynboot.io.rundir import contract_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "cluster" / "README.md"]
@@ -147,3 +150,18 @@ def test_documented_command_is_valid(where, command, monkeypatch):
         return
     code, err = run_check(module, args)
     assert code == 0, f"{where}: {command!r} does not validate: {err.strip()}"
+
+
+TINY_WORLD = {"gold": "3", "videos": "1", "test": "2", "seed": "0", "workers": "1"}  # seconds, not minutes
+
+
+def test_the_documented_world_command_writes_the_run_directory_contract(tmp_path):
+    worlds = sorted({c for _, c in COMMANDS if c.startswith("dynboot world")})
+    assert worlds, "no documented `dynboot world` command"
+    for i, command in enumerate(worlds):
+        words = [w.strip("[]") for w in shlex.split(command)[2:]]
+        keys = [a.split("=", 1)[0] for a in cli.normalise_args(words) if "=" in a and not a.startswith("out=")]
+        out = tmp_path / f"world{i}"  # never the documented out (a directory of the repository)
+        assert set(keys) <= set(TINY_WORLD), f"{command}: give {set(keys) - set(TINY_WORLD)} a tiny value in TINY_WORLD"
+        assert cli.main(["world", *(f"{k}={v}" for k, v in TINY_WORLD.items()), f"out={out}"]) == 0, command
+        assert not contract_problems(out), command

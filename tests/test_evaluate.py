@@ -21,7 +21,7 @@ from dynboot.io.images import decode_image, load_image
 from dynboot.cli import job_main
 from dynboot.models.registry import load_model
 from dynboot.models.tiny import TinyWorldModel
-from dynboot.io.rundir import read_jsonl
+from dynboot.io.rundir import contract_problems, read_jsonl
 from dynboot.world import parse
 from dynboot.world.generate import WorldConfig, generate_world, load_spec
 from jobs.evaluate import EvalConfig, run
@@ -64,6 +64,7 @@ def test_world_eval_ray_and_local_agree(tiny):
     finally:
         ray.shutdown()
     assert local["items"] == on_ray["items"] == 8 and local["quarantined"] == 0 and local["predict_errors"] == 0
+    assert not contract_problems(tiny / "local") and not contract_problems(tiny / "ray")
     assert set(local["headline"]["fdp_exact"]) == {"1", "2", "4"} and "structured" in local["headline"]["idp"]
     a = pq.read_table(tiny / "local" / "predictions.parquet").to_pylist()
     b = pq.read_table(tiny / "ray" / "predictions.parquet").to_pylist()
@@ -158,7 +159,8 @@ def test_aurora_eval_with_local_judge(tiny):
         no_target = next(x for x in rows if x["index"] == 4)
         assert no_target["target"] == b"" and no_target["caption"] == "" and None not in no_target["judge_scores"]
         skipped = read_jsonl(out / "quarantine" / "inputs.jsonl")
-        assert sorted((s["index"], s["stage"]) for s in skipped) == [(4, "load target"), (5, "load input"), (6, "load input")]
+        assert sorted((s["input"], s["stage"]) for s in skipped) == [(4, "load target"), (5, "load input"), (6, "load input")]
+        assert {s["reason"] for s in skipped} == {"unreadable_image"} and not contract_problems(out)
         report = (out / "report.md").read_text()
         assert "| magicbrush |" in report and "| overall |" in report and "Skipped inputs (3)" in report
         _check_png(out / "grid.png")

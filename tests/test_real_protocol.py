@@ -24,6 +24,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from dynboot.io.rundir import contract_problems
+
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_stub_server import StubJudgeServer  # noqa: E402
 from protocol_inputs import CLASSES  # noqa: E402
@@ -115,6 +117,9 @@ def test_the_papers_protocol_on_real_data(tmp_path, cluster_address):
         judged = judge.count(200)
     print("stage seconds:", json.dumps(seconds))
 
+    # every job's run directory holds the contract (config.yaml, metrics.jsonl, summary.json, quarantine rows)
+    problems = {stage: contract_problems(run / stage) for stage in ("clip_pairs", "idp", "relabel", "filter", "fdp", "eval")}
+    assert not any(problems.values()), problems
     # the random checkpoint is the real backend's layout
     assert _json(run / "liquid" / "dynboot.json")["backend"] == "liquid"
     # EPIC-style clip pairs: one per row of the CSV (first / last frame, the narration as action)

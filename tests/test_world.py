@@ -7,6 +7,7 @@ import pytest
 
 from dynboot.data.aurora import read_aurora
 from dynboot.io.images import load_image
+from dynboot.io.rundir import contract_problems
 from dynboot.data.video import read_video
 from dynboot.world import (ActionError, GridTokenizer, WorldSpec, apply_action, infer_action, parse, parse_action,
                            random_scene, render, valid_actions)
@@ -91,6 +92,7 @@ def test_generated_world_layout(small_world):
     assert not keys(gold, small_world / "gold") & keys(test, small_world / "test")  # disjoint splits
     manifest = [json.loads(l) for l in (small_world / "videos" / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 12 and not (small_world / "videos" / "videos_truth.jsonl").exists()
+    assert not contract_problems(small_world)  # config.yaml, metrics.jsonl, summary.json like every job's output
 
 
 def test_videos_decode_to_rendered_frames(small_world):

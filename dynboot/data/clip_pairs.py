@@ -3,14 +3,15 @@ the verb-noun narration of a clip is the action between its first and last frame
 
     rows, problems = clip_pairs("epic/clips.csv", ClipColumns(video="video_id", start="start_timestamp",
                                 end="stop_timestamp", label="narration"), video_root="epic/videos", extension=".MP4")
-    write_clip_pairs("epic/clips.csv", "s3://bucket/epic_pairs", ...)    # Parquet pair files + quarantine + summary
+    write_clip_pairs("epic/clips.csv", "s3://bucket/epic_pairs", ...)    # pair files, quarantine, metrics, summary
 
 - The manifest is a CSV (header row) or JSONL file (local or a URI) with one clip per row: the video, the clip's
   start and end, and its label; other columns ride along in the row's provenance.
 - start / end are seconds (`12.5`), timestamps (`00:01:02.50`, EPIC's spelling) or, with `unit="frames"`, frame
   indices. The first frame at or after `start` and the last frame at or before `end` are the pair (`before`,
   `after`); the label is the action. A clip whose end is not after its start, a video that cannot be read, a clip
-  outside the video, an empty label: a quarantine row with the reason (every clip is a pair or a reason).
+  outside the video, an empty label: a quarantine row (dynboot.io.rundir.quarantine_row: its input the clip's
+  manifest line, its path the video, its reason a `ClipFault`), so every clip is a pair or a reason.
 - Frames are fetched by index (seeking; never the whole video), one video open at a time per worker thread;
   videos on object storage are copied to a local temp file first (decoders read files).
 - Rows are in the pair schema (dynboot.data.pairs, source "gold", id `<video id>:<first>:<last>`), so `dynboot train`
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 
 from dynboot.io import storage
 from dynboot.io.images import encode_png
+from dynboot.io.rundir import RunDir, quarantine_row
 from dynboot.data.video import open_video
 from dynboot.data.manifest import video_id_of
 from dynboot.data.pairs import make_row, to_table
@@ -97,8 +99,8 @@ def _video_uri(value: str, manifest: str, video_root: str | None, extension: str
     return storage.join(video_root or storage.parent(manifest), name)
 
 
-def _problem(line: int, video: str, reason: ClipFault, msg: str) -> dict:
-    return {"row": line, "video": video, "reason": reason, "error": msg[:300], "stage": "clip_pairs"}
+def _problem(line: int, video: str, reason: ClipFault, msg: str, err: BaseException | None = None) -> dict:
+    return quarantine_row(line, "clip_pairs", reason, err, path=video, error=msg[:300])
 
 
 def _clip_rows(video: str, vid: str, clips: list[tuple[int, dict]], cols: ClipColumns, unit: TimeUnit, dataset: str,
@@ -106,8 +108,8 @@ def _clip_rows(video: str, vid: str, clips: list[tuple[int, dict]], cols: ClipCo
     """Pair rows and quarantine rows of one video's clips (`vid`: the video's id in pair ids)."""
     rows, problems = [], []
 
-    def bad(line: int, reason: ClipFault, msg: str) -> None:
-        problems.append(_problem(line, video, reason, msg))
+    def bad(line: int, reason: ClipFault, msg: str, err: BaseException | None = None) -> None:
+        problems.append(_problem(line, video, reason, msg, err))
 
     try:
         with storage.local_copy(video) as local:
@@ -117,7 +119,7 @@ def _clip_rows(video: str, vid: str, clips: list[tuple[int, dict]], cols: ClipCo
                 try:
                     start, end = parse_time(rec.get(cols.start)), parse_time(rec.get(cols.end))
                 except ValueError as err:
-                    bad(line, "bad_time", str(err))
+                    bad(line, "bad_time", str(err), err)
                     continue
                 a, b = (int(start), int(end)) if unit == "frames" else (int(-(-start * fps // 1)), int(end * fps // 1))
                 if b <= a:
@@ -130,11 +132,11 @@ def _clip_rows(video: str, vid: str, clips: list[tuple[int, dict]], cols: ClipCo
                     spans.append((line, rec, a, min(b, n - 1)))
             frames, _, _ = _frames(local, [i for _, _, a, b in spans for i in (a, b)])
     except FileNotFoundError as err:
-        return [], [_problem(line, video, "video_not_found", str(err)) for line, _ in clips]
+        return [], [_problem(line, video, "video_not_found", str(err), err) for line, _ in clips]
     except Exception as err:  # a video neither decoder can read: its clips' reason, not the job's end
         if storage.is_transient(err):
             raise
-        return [], [_problem(line, video, "unreadable_video", f"{type(err).__name__}: {err}") for line, _ in clips]
+        return [], [_problem(line, video, "unreadable_video", f"{type(err).__name__}: {err}", err) for line, _ in clips]
     for line, rec, a, b in spans:
         if a not in frames or b not in frames:
             bad(line, "undecodable_frame", f"frame {a if a not in frames else b} could not be decoded")
@@ -172,8 +174,10 @@ def clip_pairs(manifest: str, columns: ClipColumns = ClipColumns(), video_root: 
 
 def write_clip_pairs(manifest: str, out: str, columns: ClipColumns = ClipColumns(), rows_per_file: int = 1024,
                      **kw) -> dict:
-    """`clip_pairs` written under `out`: `pairs-NNNNN.parquet` (each published whole), `quarantine/clips.jsonl`,
-    `summary.json` (pairs, clips quarantined and why)."""
+    """`clip_pairs` written under the run directory `out`: `pairs-NNNNN.parquet` (each published whole),
+    `quarantine/clips.jsonl`, `metrics.jsonl` (a row per file published, and the totals), `summary.json` (pairs,
+    clips quarantined and why). The job (jobs/clip_pairs.py) opens `out` first: lock and config.yaml."""
+    run = RunDir(out)
     buffer, problems, files, pairs = [], [], 0, 0
 
     def flush() -> None:
@@ -181,9 +185,10 @@ def write_clip_pairs(manifest: str, out: str, columns: ClipColumns = ClipColumns
         if buffer:
             data = io.BytesIO()
             pq.write_table(to_table(buffer), data, row_group_size=64)
-            storage.write_bytes(storage.join(out, f"pairs-{files:05d}.parquet"), data.getvalue())
+            storage.write_bytes(run.uri(f"pairs-{files:05d}.parquet"), data.getvalue())
             files += 1
             buffer = []
+            run.log(files=files, pairs=pairs, quarantined=len(problems))
 
     for rows, bad in clip_pairs(manifest, columns, **kw):
         buffer += rows
@@ -192,10 +197,11 @@ def write_clip_pairs(manifest: str, out: str, columns: ClipColumns = ClipColumns
         if len(buffer) >= rows_per_file:
             flush()
     flush()
-    storage.write_text(storage.join(out, "quarantine", "clips.jsonl"), "".join(json.dumps(p) + "\n" for p in problems))
+    storage.write_text(run.uri("quarantine", "clips.jsonl"), "".join(json.dumps(p) + "\n" for p in problems))
     reasons: dict[str, int] = {}
     for p in problems:
         reasons[p["reason"]] = reasons.get(p["reason"], 0) + 1
     summary = {"manifest": manifest, "pairs": pairs, "files": files, "quarantined": len(problems), "reasons": reasons}
-    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2))
+    run.log(stage="clip_pairs", **{k: summary[k] for k in ("pairs", "files", "quarantined")})
+    run.write_summary(summary)
     return summary

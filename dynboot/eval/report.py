@@ -267,7 +267,7 @@ def eval_report(root: str | Path, mode: str, metrics: dict, rows: Sequence[dict]
         sections.append(("Pictures", "\n".join(pictures)))
     skipped = read_jsonl(root / "quarantine" / "inputs.jsonl")
     if skipped:
-        sections.append((f"Skipped inputs ({len(skipped)})", md_table(skipped[:50], ["index", "task", "path", "stage", "error"])))
+        sections.append((f"Skipped inputs ({len(skipped)})", md_table(skipped[:50], ["input", "path", "stage", "reason", "error"])))
     write_report(root / "report.md", title, sections or [("Nothing evaluated", "No FDP or IDP was given.\n")])
     return table
 

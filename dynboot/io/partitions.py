@@ -2,7 +2,7 @@
 record that says what it holds, so that readers and reruns never list or open files to know what is done.
 
     <run>/shards/<part>.parquet        pair rows (dynboot.data.pairs.PAIR_SCHEMA) of the partition's videos
-    <run>/quarantine/<part>.jsonl      {video_id, path, stage, reason, error_class, error, attempts} a line
+    <run>/quarantine/<part>.jsonl      the partition's quarantined videos, one dynboot.io.rundir.quarantine_row a line
     <run>/commits/<part>.json          the commit record: which videos (status, pairs, reason), which files
     <run>/commits/_index-*.parquet     commit records compacted: one row per committed video (INDEX_SCHEMA)
     <run>/commits/_pending/<part>.json intent: written before a partition's files, removed after its commit
@@ -38,14 +38,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dynboot.io import storage
+from dynboot.io.rundir import quarantine_row
 
-__all__ = ["INDEX_SCHEMA", "QUARANTINE_FIELDS", "Committed", "partition_id", "mark_dataset", "dataset_root",
+__all__ = ["INDEX_SCHEMA", "Committed", "partition_id", "mark_dataset", "dataset_root",
            "commit_partition", "record_rows", "load_index", "compact", "recover", "committed_files", "done_ids",
            "latest_quarantine", "read_quarantine_rows"]
 
 Committed = Literal["ok", "quarantined"]  # what a commit record says of a video
 FORMAT = {"format": "dynboot.io.partitions", "version": 1}
-QUARANTINE_FIELDS = ("video_id", "path", "stage", "reason", "error_class", "error", "attempts")
 INDEX_SCHEMA = pa.schema([
     ("video_id", pa.string()), ("status", pa.string()), ("pairs", pa.int64()), ("reason", pa.string()),
     ("stage", pa.string()), ("partition", pa.string()), ("data_file", pa.string()),
@@ -88,7 +88,8 @@ def dataset_root(path: str) -> str | None:
 def commit_partition(run: str, part: str, table: pa.Table | None, quarantine: list[dict[str, Any]],
                      videos: list[dict[str, Any]]) -> dict[str, Any]:
     """Write a partition's files, then its commit record; returns the record. `videos`: one dict per video with
-    video_id, status (ok | quarantined), pairs, reason, stage."""
+    video_id, status (ok | quarantined), pairs, reason, stage. `quarantine`: one dict per quarantined video with
+    video_id, path, stage, reason, error_class, error, attempts (written as quarantine rows, the video id their input)."""
     data_file = f"shards/{part}.parquet" if table is not None and table.num_rows else ""
     quarantine_file = f"quarantine/{part}.jsonl" if quarantine else ""
     intent = storage.join(run, "commits", "_pending", f"{part}.json")
@@ -98,7 +99,9 @@ def commit_partition(run: str, part: str, table: pa.Table | None, quarantine: li
         pq.write_table(table, buf)
         _write(storage.join(run, data_file), buf.getvalue().to_pybytes())
     if quarantine_file:
-        lines = "".join(json.dumps({k: q.get(k) for k in QUARANTINE_FIELDS}, default=str) + "\n" for q in quarantine)
+        rows = [quarantine_row(q["video_id"], q["stage"], q["reason"], path=q.get("path") or "", error=q.get("error") or "",
+                               error_class=q.get("error_class") or "", attempts=q.get("attempts") or 1) for q in quarantine]
+        lines = "".join(json.dumps(r, default=str) + "\n" for r in rows)
         _write(storage.join(run, quarantine_file), lines.encode())
     record = {"partition": part, "data_file": data_file, "quarantine_file": quarantine_file,
               "rows": table.num_rows if data_file else 0, "committed_at": time.time(),
@@ -220,7 +223,8 @@ def latest_quarantine(index: pa.Table) -> pa.Table:
 
 
 def read_quarantine_rows(run: str, index: pa.Table | None = None) -> list[dict[str, Any]]:
-    """The quarantine rows of the videos quarantined now (their latest commit), read from the committed files."""
+    """The quarantine rows of the videos quarantined now (their latest commit), read from the committed files
+    (a row's `input` is its video id)."""
     latest = latest_quarantine(load_index(run) if index is None else index)
     wanted = dict(zip(latest.column("video_id").to_pylist(), latest.column("quarantine_file").to_pylist()))
     files = sorted(set(wanted.values()))
@@ -229,9 +233,9 @@ def read_quarantine_rows(run: str, index: pa.Table | None = None) -> list[dict[s
         for line in data.decode().splitlines():
             if line.strip():
                 row = json.loads(line)
-                if wanted.get(row["video_id"]) == rel:
+                if wanted.get(row["input"]) == rel:
                     rows.append(row)
-    return sorted(rows, key=lambda r: r["video_id"])
+    return sorted(rows, key=lambda r: r["input"])
 
 
 def committed_files(path: str) -> list[str]:

@@ -4,8 +4,11 @@
     <run>/metrics.jsonl   one JSON object per line, appended as the job goes
     <run>/summary.json    counts, errors, throughput, time per stage — written atomically at the end
     <run>/checkpoints/    model checkpoints (Hugging Face layout)
-    <run>/quarantine/     one JSON row per input that failed (path, error, stage)
+    <run>/quarantine/     *.jsonl: one JSON row per input that failed, exactly QUARANTINE_FIELDS (`quarantine_row`)
     <run>/*.png, report.md  what a person looks at
+
+Every job that writes a run directory writes the first three (metrics.jsonl at least one row: progress or the final
+figures); `contract_problems(run)` says what a directory lacks of this (the tests run it on every job's output).
 
     with RunDir(cfg.out).open(cfg, resume=cfg.resume) as rd:   # lock + config check + config.yaml
         rd.log(step=1, loss=0.3); rd.write_summary({...})
@@ -43,11 +46,14 @@ if TYPE_CHECKING:
     from dynboot.config import Config
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "append_jsonl", "read_jsonl", "write_json", "RunDir",
-           "RunDirBusy", "ConfigChanged", "ResumeMode", "config_differences", "LEASE_TTL_S"]
+           "RunDirBusy", "ConfigChanged", "ResumeMode", "config_differences", "LEASE_TTL_S", "QUARANTINE_FIELDS",
+           "quarantine_row", "contract_problems"]
 
 ResumeMode = Literal["auto", "force", "off"]
 LEASE_TTL_S = 120.0
 ALWAYS_MAY_CHANGE = frozenset({"resume"})
+QUARANTINE_FIELDS = ("input", "path", "stage", "reason", "error_class", "error", "attempts")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 
 
 class RunDirBusy(RuntimeError):
@@ -84,6 +90,58 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not storage.exists(path):
         return []
     return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def quarantine_row(input_id: str | int, stage: str, reason: str, err: BaseException | None = None, *,
+                   path: str = "", error: str = "", error_class: str = "", attempts: int = 1) -> dict[str, Any]:
+    """One quarantine line, the same for every job: `input` is the input's id as its job names it (a video id, a
+    manifest line, a benchmark item's index), `path` the file it came from ("" when none), `stage` where it failed,
+    `reason` why (each job's closed set), `error` the message and `error_class` the exception's class (both from
+    `err` unless given), `attempts` how many times it was tried."""
+    if err is not None:
+        error_class = error_class or type(err).__name__
+        error = error or f"{type(err).__name__}: {err}"
+    return {"input": input_id, "path": str(path or ""), "stage": stage, "reason": reason, "error_class": error_class,
+            "error": (error or reason)[:2000], "attempts": int(attempts)}
+
+
+def contract_problems(run: str | Path) -> list[str]:
+    """What the run directory `run` (local or a URI) lacks of the contract (module doc); empty when it holds:
+    config.yaml a YAML mapping, metrics.jsonl one JSON object a line and at least one, summary.json a JSON object,
+    every line of quarantine/*.jsonl a JSON object with exactly QUARANTINE_FIELDS and a reason."""
+    root, problems = storage.absolute(str(run)), []
+    for name in RUN_FILES:
+        if not storage.is_file(storage.join(root, name)):
+            problems.append(f"no {name}")
+            continue
+        text = storage.read_text(storage.join(root, name))
+        try:
+            if name == "metrics.jsonl":
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+                wrong = "has no rows" if not rows else "" if all(isinstance(r, dict) for r in rows) else "has a non-object line"
+            else:
+                parsed = yaml.safe_load(text) if name == "config.yaml" else json.loads(text)
+                wrong = "" if isinstance(parsed, dict) else "is not a mapping"
+        except (ValueError, yaml.YAMLError) as err:
+            wrong = f"does not parse: {err}"
+        if wrong:
+            problems.append(f"{name} {wrong}")
+    for path in storage.list_files(storage.join(root, "quarantine"), suffixes=(".jsonl",)):
+        for n, line in enumerate(storage.read_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"quarantine/{storage.name(path)}:{n}"
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                problems.append(f"{where} does not parse: {err}")
+                continue
+            if not isinstance(row, dict) or set(row) != set(QUARANTINE_FIELDS):
+                got = sorted(row) if isinstance(row, dict) else type(row).__name__
+                problems.append(f"{where} has fields {got}, not {list(QUARANTINE_FIELDS)}")
+            elif not row["reason"]:
+                problems.append(f"{where} gives no reason")
+    return problems
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -6,6 +6,7 @@
     DIR/videos_truth.jsonl    their true key states and actions: for scoring pseudo-labels only
     DIR/test/test.json        held-out pairs, AURORA format, + test/truth.jsonl (structured truth)
     DIR/summary.json          counts, sizes, seconds
+    DIR/config.yaml, DIR/metrics.jsonl   the run-directory contract (dynboot.io.rundir): the config, a row per split
 
 Every split is drawn from its own seeded stream, and no gold pair or video transition equals a test
 pair, so the splits are disjoint and reproducible from `seed` whatever the number of workers.
@@ -23,7 +24,7 @@ from pydantic import Field
 
 from dynboot.data.aurora import write_aurora
 from dynboot.config import Config
-from dynboot.io.rundir import atomic_write_text, write_json
+from dynboot.io.rundir import RunDir, atomic_write_text, write_json
 from dynboot.data.video import write_video
 from dynboot.world.actions import apply_action, infer_action, random_action
 from dynboot.world.episodes import make_episode, pair_key
@@ -88,9 +89,14 @@ def _write_episode(args: tuple) -> dict:
 
 def generate_world(cfg: WorldConfig) -> dict:
     """Write the world described by `cfg`; returns the summary."""
+    # resume="force": a world is written whole every time, so a rerun replaces the recorded config, never resumes it
+    with RunDir(cfg.out).open(cfg, resume="force") as run:
+        return _generate(cfg, run)
+
+
+def _generate(cfg: WorldConfig, run: RunDir) -> dict:
     t0 = time.time()
-    spec, out = cfg.world, Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    spec, out = cfg.world, run.root
     write_json(out / "world.json", cfg.model_dump(mode="json"))
 
     test = random_pairs(spec, cfg.test, _rng(cfg.seed, "test"), avoid=set())
@@ -105,6 +111,7 @@ def generate_world(cfg: WorldConfig) -> dict:
     write_aurora(out / "gold" / "train.json",
                  [(render(spec, a), render(spec, b), infer_action(spec, a, b).text(spec)) for a, b in gold], task="world")
     t_pairs = time.time() - t0
+    run.log(split="test+gold", pairs=len(test) + len(gold), seconds=round(t_pairs, 2))
 
     jobs = [(cfg, i, test_keys) for i in range(cfg.videos)]
     if cfg.workers > 1 and cfg.videos > 1:
@@ -118,6 +125,7 @@ def generate_world(cfg: WorldConfig) -> dict:
                       "".join(json.dumps({k: e[k] for k in ("video_id", "segments", "actions", "scenes")}) + "\n" for e in episodes))
 
     video_bytes = sum(p.stat().st_size for p in (out / "videos").glob("*.mp4"))
+    run.log(split="videos", videos=len(episodes), seconds=round(time.time() - t0 - t_pairs, 2))
     summary = {
         "gold_pairs": len(gold),
         "test_pairs": len(test),
@@ -129,7 +137,7 @@ def generate_world(cfg: WorldConfig) -> dict:
         "seconds_pairs": round(t_pairs, 2),
         "seconds_total": round(time.time() - t0, 2),
     }
-    write_json(out / "summary.json", summary)
+    run.write_summary(summary)
     return summary
 
 
