@@ -26,16 +26,16 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from dynboot.cli import job_main
-from dynboot.config import Config, save_config
+from dynboot.config import Config
 from dynboot.eval.back_translation import BackTranslation
 from dynboot.io.console import duration, say
 from dynboot.io.ray_session import ray_session
-from dynboot.io.rundir import RunDir
+from dynboot.io.rundir import ResumeMode, RunDir
 from dynboot.io.tracking import TrackingKind, open_tracker
 from dynboot.models.base import TinySize
 
@@ -45,8 +45,15 @@ from jobs.quickstart_eval import ablation_weighting, evaluate_stage, write_quick
 __all__ = ["QuickstartConfig", "run", "train_fdp_runs"]
 
 
+STAGE_DIRS = ("world", "idp", "relabel", "filter", "fdp_gold", "fdp_boot", "fdp_ablation", "eval", "rollout", "rounds")
+
+
 class QuickstartConfig(Config):
     """The whole loop on the embedded world. Defaults are sized for 2 CPU cores."""
+
+    rerun_may_change: ClassVar[frozenset[str]] = frozenset({
+        "rounds", "num_cpus", "port", "clients", "fdp_parallel", "progress_every_s", "tracking", "tracking_uri",
+        "tracking_project"})
 
     out: str = Field("runs/quickstart", description="Run directory; each stage writes a sub-folder.")
     gold: int = Field(1000, ge=10, description="Gold (labelled) pairs.")
@@ -98,6 +105,9 @@ class QuickstartConfig(Config):
                                    "or wandb; each training stage is a run, and the quickstart's results one more.")
     tracking_uri: str = Field("", description="MLflow tracking URI (empty = MLFLOW_TRACKING_URI, else MLflow's default).")
     tracking_project: str = Field("dynboot-quickstart", description="MLflow experiment / W&B project.")
+    resume: ResumeMode = Field("auto", description="auto: continue the run in `out` (finished stages are skipped) "
+                               "if its config matches but for rounds and operational fields; force: despite "
+                               "differences; off: set the old run's stages aside and start over.")
 
 
 def _done(stage: Path) -> bool:
@@ -166,11 +176,14 @@ def _with_earlier_times(root: Path, times: dict[str, float], done_before: list[s
 
 
 def run(cfg: QuickstartConfig) -> dict:
+    with RunDir(cfg.out).open(cfg, resume=cfg.resume, set_aside=STAGE_DIRS + ("report.md",)) as root:
+        return _run(cfg, root)
+
+
+def _run(cfg: QuickstartConfig, root: RunDir) -> dict:
     from dynboot.world.generate import WorldConfig, generate_world
 
     t_all = time.time()
-    root = RunDir(cfg.out)
-    save_config(cfg, root.root)
     world, idp, relabel, filt = (root.path(p) for p in ("world", "idp", "relabel", "filter"))
     fdp = {k: root.path(f"fdp_{k}") for k in ("gold", "boot", "ablation")}
     times: dict[str, float] = {}
@@ -182,16 +195,19 @@ def run(cfg: QuickstartConfig) -> dict:
     if not _done(world):
         generate_world(WorldConfig(out=str(world), gold=cfg.gold, videos=cfg.videos, test=cfg.test, seed=cfg.seed))
     times["world"] = time.time() - t
+    root.log(stage="world", seconds=round(times["world"], 1))
 
     with ray_session(num_cpus=cfg.num_cpus):  # one Ray session for every stage (joined under `ray job submit`)
         gold_src = {"path": str(world / "gold"), "weight": float(cfg.gold)}  # weights are per-source shares
         t = _stage(f"2/{n} train IDP on {cfg.gold} gold pairs ({cfg.idp_steps} steps)", t_all)
         _train(cfg, idp, "idp", [gold_src], cfg.idp_steps)  # (weighting touches FDP targets only)
         times["idp"] = time.time() - t
+        root.log(stage="idp", seconds=round(times["idp"], 1))
 
         t = _stage(f"3/{n} relabel the unlabelled videos with the IDP, then filter", t_all)
         relabel_and_filter(world, idp, relabel, filt, cfg.min_score)
         times["relabel"] = time.time() - t
+        root.log(stage="relabel", seconds=round(times["relabel"], 1))
 
         kept = json.loads((filt / "summary.json").read_text())["pairs_kept"]
         written = json.loads((relabel / "summary.json").read_text())
@@ -208,16 +224,19 @@ def run(cfg: QuickstartConfig) -> dict:
         runs = [(fdp["gold"], [gold_src], cfg.weighting), (fdp["boot"], [gold_src, pseudo_src], cfg.weighting)]
         train_fdp_runs(cfg, runs + ([(fdp["ablation"], [gold_src, pseudo_src], other)] if cfg.ablation else []))
         times["fdp"] = time.time() - t
+        root.log(stage="fdp", seconds=round(times["fdp"], 1))
 
         t = _stage(f"5/{n} evaluate: best-of-N (N={cfg.ns}) through the serve app, greedy metrics of every model"
                    f"{f', {cfg.rollout_steps}-step rollouts' if cfg.rollout_episodes else ''}", t_all)
         results = evaluate_stage(cfg, world, idp, relabel, fdp)
         times["eval"] = time.time() - t
+        root.log(stage="eval", seconds=round(times["eval"], 1))
 
         if cfg.rounds > 1:
             t = _stage(f"6/{n} bootstrapping rounds 1..{cfg.rounds - 1} (back-translation, IDP, relabel, FDP)", t_all)
             results["rounds"] = _rounds(cfg, world, {"idp": idp, "relabel": relabel, "filter": filt, "fdp": fdp["boot"]})
             times["rounds"] = time.time() - t
+            root.log(stage="rounds", seconds=round(times["rounds"], 1))
 
     t = _stage(f"{n}/{n} report", t_all)
     times["total"] = time.time() - t_all

@@ -17,7 +17,7 @@ Pipeline (one row = one video from stage 2 to stage 4, its pairs held in list co
 The driver only counts result rows and compacts their commit records into index segments as they arrive.
 
 Run directory (`out`): config.yaml, shards/<part>.parquet (PAIR_SCHEMA, with `dataset` and `label`),
-quarantine/<part>.jsonl ({video_id, path, stage, reason, error_class, error, attempts}), commits/ (records,
+quarantine/<part>.jsonl (dynboot.io.rundir.quarantine_row: input = the video id), commits/ (records,
 index segments, intents), summary.json, metrics.jsonl, stats.txt, attempts/ (the ledger, jobs/relabel_ledger.py).
 One job per run directory at a time (`RunDir.open`: a lock, and a rerun's config checked against config.yaml).
 

@@ -70,6 +70,12 @@ def test_quickstart_small(tmp_path, capfd):
     for section in ("Bootstrapping rounds", "Rollouts", "rounds/rounds.png", "rollout/strips/"):
         assert section in report, section
     assert all((out / "rollout" / s).stat().st_size > 0 for s in rollout["strips"]) and rollout["strips"]
+    from dynboot.io.rundir import contract_problems
+
+    for run_dir in ("", "world", "idp", "relabel", "filter", "fdp_gold", "fdp_boot", "fdp_ablation", "rollout", "rounds"):
+        assert not contract_problems(str(out / run_dir)), (run_dir, contract_problems(str(out / run_dir)))
+    assert [r["stage"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [
+        "world", "idp", "relabel", "fdp", "eval", "rounds"]
 
 
 def test_paired_verdict_counts_only_the_pairs_where_the_models_differ():
