@@ -105,6 +105,15 @@ def _raise_if_error(result):
     return result
 
 
+async def _submit(batched, job: "Job"):
+    """A job through a tier's batcher; a cancelled request marks its job so the batch skips it."""
+    try:
+        return _raise_if_error(await batched(job))
+    except asyncio.CancelledError:
+        job.cancelled = True
+        raise
+
+
 @dataclass
 class Job:
     cancelled: bool = field(default=False, init=False)  # set when the caller's request is cancelled
@@ -240,11 +249,7 @@ class Generator(ModelTier):
         if unknown:
             raise ValueError(f"the generator computes the verifier parts {GENERATOR_PARTS}, not {sorted(unknown)}")
         job = SampleJob(png, action, n, temperature, top_k, seed, tuple(sorted(parts)))
-        try:
-            return _raise_if_error(await self._batched(job))
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
+        return await _submit(self._batched, job)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, batch_size_fn=sampled_rows)
     async def _batched(self, jobs: list[SampleJob]) -> list:
@@ -304,20 +309,12 @@ class Verifier(ModelTier):
 
     async def score(self, before: bytes, candidates: np.ndarray | list[bytes], action: str) -> list[float]:
         self.check_prompt(action, "prompt")
-        return await self._submit(self._score_batched, ScoreJob(before, candidates, action))
+        return await _submit(self._score_batched, ScoreJob(before, candidates, action))
 
     async def caption(self, before: bytes, after: bytes, action: str | None = None) -> dict:
         if action is not None:
             self.check_prompt(action, "action")
-        return await self._submit(self._caption_batched, CaptionJob(before, after, action))
-
-    @staticmethod
-    async def _submit(batched, job: Job):
-        try:
-            return _raise_if_error(await batched(job))
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
+        return await _submit(self._caption_batched, CaptionJob(before, after, action))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=scored_rows)
     async def _score_batched(self, jobs: list[ScoreJob]) -> list:
