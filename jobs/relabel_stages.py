@@ -35,6 +35,7 @@ from dynboot.data.keyframes import KeyframeConfig, video_keyframes
 from dynboot.data.pairs import make_row, to_table
 from dynboot.data.video import VideoFault
 from dynboot.io.partitions import commit_partition, load_index, partition_id
+from dynboot.io.rundir import quarantine_row
 from jobs.relabel_ledger import Ledger
 
 Status = Literal["ok", "quarantined", "retry_later"]
@@ -71,9 +72,10 @@ def fault_reason(err: BaseException) -> Reason:
 
 def _failed(row: dict[str, Any], status: Status, stage: str, err: BaseException | None, reason: str,
             attempts: int, message: str = "") -> dict[str, Any]:
-    text = message or (f"{type(err).__name__}: {err}" if err is not None else reason)
-    return {**row, **{k: [] for k in _PAIR_LISTS}, "status": status, "stage": stage, "reason": reason,
-            "error_class": type(err).__name__ if err is not None else "", "error": text[:2000], "attempts": attempts}
+    # the failure fields as every quarantine row spells them (commit_partition writes these rows' quarantine lines)
+    q = quarantine_row(row["video_id"], stage, reason, err, error=message, attempts=attempts)
+    return {**row, **{k: [] for k in _PAIR_LISTS}, "status": status,
+            **{k: q[k] for k in ("stage", "reason", "error_class", "error", "attempts")}}
 
 
 def quarantined(row, stage, reason, err=None, attempts=1, message=""):
