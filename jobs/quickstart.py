@@ -190,24 +190,25 @@ def _run(cfg: QuickstartConfig, root: RunDir) -> dict:
     stage_dirs = {"world": [world], "idp": [idp], "relabel": [relabel, filt], "fdp": list(fdp.values())[: 3 if cfg.ablation else 2]}
     done_before = [k for k, dirs in stage_dirs.items() if all(_done(d) for d in dirs)]
 
+    def finished(stage: str, t: float) -> None:  # a stage's seconds, in the summary and a metrics row
+        times[stage] = time.time() - t
+        root.log(stage=stage, seconds=round(times[stage], 1))
+
     n = 7 if cfg.rounds > 1 else 6
     t = _stage(f"1/{n} world: gold pairs, unlabelled videos, test split", t_all)
     if not _done(world):
         generate_world(WorldConfig(out=str(world), gold=cfg.gold, videos=cfg.videos, test=cfg.test, seed=cfg.seed))
-    times["world"] = time.time() - t
-    root.log(stage="world", seconds=round(times["world"], 1))
+    finished("world", t)
 
     with ray_session(num_cpus=cfg.num_cpus):  # one Ray session for every stage (joined under `ray job submit`)
         gold_src = {"path": str(world / "gold"), "weight": float(cfg.gold)}  # weights are per-source shares
         t = _stage(f"2/{n} train IDP on {cfg.gold} gold pairs ({cfg.idp_steps} steps)", t_all)
         _train(cfg, idp, "idp", [gold_src], cfg.idp_steps)  # (weighting touches FDP targets only)
-        times["idp"] = time.time() - t
-        root.log(stage="idp", seconds=round(times["idp"], 1))
+        finished("idp", t)
 
         t = _stage(f"3/{n} relabel the unlabelled videos with the IDP, then filter", t_all)
         relabel_and_filter(world, idp, relabel, filt, cfg.min_score)
-        times["relabel"] = time.time() - t
-        root.log(stage="relabel", seconds=round(times["relabel"], 1))
+        finished("relabel", t)
 
         kept = json.loads((filt / "summary.json").read_text())["pairs_kept"]
         written = json.loads((relabel / "summary.json").read_text())
@@ -223,20 +224,17 @@ def _run(cfg: QuickstartConfig, root: RunDir) -> dict:
                    f"{f'; gold + pseudo with {other}' if cfg.ablation else ''}", t_all)
         runs = [(fdp["gold"], [gold_src], cfg.weighting), (fdp["boot"], [gold_src, pseudo_src], cfg.weighting)]
         train_fdp_runs(cfg, runs + ([(fdp["ablation"], [gold_src, pseudo_src], other)] if cfg.ablation else []))
-        times["fdp"] = time.time() - t
-        root.log(stage="fdp", seconds=round(times["fdp"], 1))
+        finished("fdp", t)
 
         t = _stage(f"5/{n} evaluate: best-of-N (N={cfg.ns}) through the serve app, greedy metrics of every model"
                    f"{f', {cfg.rollout_steps}-step rollouts' if cfg.rollout_episodes else ''}", t_all)
         results = evaluate_stage(cfg, world, idp, relabel, fdp)
-        times["eval"] = time.time() - t
-        root.log(stage="eval", seconds=round(times["eval"], 1))
+        finished("eval", t)
 
         if cfg.rounds > 1:
             t = _stage(f"6/{n} bootstrapping rounds 1..{cfg.rounds - 1} (back-translation, IDP, relabel, FDP)", t_all)
             results["rounds"] = _rounds(cfg, world, {"idp": idp, "relabel": relabel, "filter": filt, "fdp": fdp["boot"]})
-            times["rounds"] = time.time() - t
-            root.log(stage="rounds", seconds=round(times["rounds"], 1))
+            finished("rounds", t)
 
     t = _stage(f"{n}/{n} report", t_all)
     times["total"] = time.time() - t_all
