@@ -48,7 +48,8 @@ class ClipPairsConfig(Config):
 
 def run(cfg: ClipPairsConfig) -> dict:
     c = cfg.columns
-    earlier = tuple(storage.name(p) for p in storage.list_files(cfg.out, recursive=False, suffixes=(".parquet",)))
+    earlier = tuple(storage.name(p) for p in storage.list_files(cfg.out, recursive=False, suffixes=(".parquet",))
+                    ) if cfg.resume == "off" else ()  # what resume=off sets aside; nothing to list otherwise
     with RunDir(cfg.out).open(cfg, resume=cfg.resume, set_aside=("quarantine", *earlier)) as rd:
         summary = write_clip_pairs(cfg.manifest, rd.uri_root, ClipColumns(c.video, c.start, c.end, c.label),
                                    rows_per_file=cfg.rows_per_file, video_root=cfg.videos or None,
