@@ -1,6 +1,7 @@
 """The console contract of a job run as a person runs it (`python -m jobs.train …` in its own process): a line
 per stage / result, progress lines that parse, none of Ray's or DeepSpeed's output on the terminal and all of it in
-`<out>/log.txt`; `--verbose` shows it. The same run reports its metrics to a local MLflow file store."""
+`<out>/log.txt`; `--verbose` shows it. The same run reports its metrics to a local MLflow file store, and another to
+an offline W&B run."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def _have_mlflow() -> bool:
     return True
 
 
-def _train(small_world: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _train(small_world: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_TMPDIR=tempfile.mkdtemp(prefix="ray-console-"),
-               MLFLOW_ALLOW_FILE_STORE="true")  # MLflow 3 opens a file store only when told to
+               MLFLOW_ALLOW_FILE_STORE="true", **(env or {}))  # MLflow 3 opens a file store only when told to
     cmd = [sys.executable, "-m", "jobs.train", "task=idp", f"data={small_world}", f"eval_data={small_world}",
            f"out={out}", "steps=30", "batch_size=8", "size=xxs", "num_workers=1", "cpus_per_worker=1", "zero_stage=0",
            "eval_every=15", "eval_limit=16", "checkpoint_every=0", "progress_every_s=0.5", *extra]
@@ -124,3 +125,91 @@ def test_tracking_is_typed_and_a_missing_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ModuleNotFoundError
     with pytest.raises(ValueError, match="tracking=wandb needs wandb"):
         open_tracker("wandb", "idp", {})
+
+
+def _wandb_offline_runs(root: Path) -> list[dict]:
+    """Each offline W&B run under `root`: its name, config, history rows, summary and exit code, read from its
+    transaction log (`run-<id>.wandb`). wandb 0.31 ships no Python reader of that file (its reader moved into the Go
+    core), so this reads the format itself: a 7-byte header, then LevelDB-log records (crc32 4 bytes, length 2, type
+    1: FULL=1 FIRST=2 MIDDLE=3 LAST=4) in 32 KiB blocks, each record a wandb_internal_pb2.Record."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def key(item) -> str:
+        return item.key or "/".join(item.nested_key)
+
+    runs = []
+    for path in sorted(root.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, buf = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B", path
+        run = {"history": [], "summary": {}, "config": {}, "exit": None}
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's trailer too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _crc, n, kind = struct.unpack("<IHB", data[pos: pos + 7])
+            if kind == 0:
+                break
+            buf, pos = buf + data[pos + 7: pos + 7 + n], pos + 7 + n
+            if kind not in (1, 4):
+                continue
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            which = record.WhichOneof("record_type")
+            if which == "run":
+                run["name"] = record.run.display_name
+                run["project"] = record.run.project
+                run["config"] |= {key(i): json.loads(i.value_json) for i in record.run.config.update}
+            elif which == "history":
+                run["history"].append({key(i): json.loads(i.value_json) for i in record.history.item})
+            elif which == "summary":
+                run["summary"] |= {key(i): json.loads(i.value_json) for i in record.summary.update}
+            elif which == "exit":
+                run["exit"] = record.exit.exit_code
+        runs.append(run)
+    return runs
+
+
+def test_wandb_runs_opened_in_turn_and_at_once_each_keep_their_metrics(tmp_path, monkeypatch):
+    """A driver tracks several jobs (the quickstart: IDP, then the FDP runs, then its results): opening the next
+    run must not end the one still open, and each run's history and summary stay its own."""
+    pytest.importorskip("wandb")
+    from dynboot.io.tracking import open_tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    idp = open_tracker("wandb", "idp", {"task": "idp", "lora": {"rank": 16}}, project="t")
+    idp.log({"loss": 1.0}, step=1)
+    fdp = open_tracker("wandb", "fdp", {"task": "fdp"}, project="t")  # opened while idp is still open
+    fdp.log({"loss": 3.0}, step=1)
+    idp.log({"loss": 0.5}, step=2)
+    fdp.finish({"eval": {"exact": 0.25}})
+    idp.finish({"eval": {"exact": 0.75}}, ok=False)
+    runs = {r["name"]: r for r in _wandb_offline_runs(tmp_path)}
+    assert set(runs) == {"idp", "fdp"} and {r["project"] for r in runs.values()} == {"t"}
+    assert [h["loss"] for h in runs["idp"]["history"]] == [1.0, 0.5]
+    assert [h["loss"] for h in runs["fdp"]["history"]] == [3.0]
+    assert runs["idp"]["config"]["lora"] == {"rank": 16}
+    assert runs["idp"]["summary"]["eval/exact"] == 0.75 and runs["fdp"]["summary"]["eval/exact"] == 0.25
+    assert runs["idp"]["exit"] == 1 and runs["fdp"]["exit"] == 0
+
+
+@pytest.mark.slow
+def test_a_train_run_reports_to_an_offline_wandb_run(small_world, tmp_path):
+    """`tracking=wandb` through the train job as a person runs it: every logged step reaches the W&B run."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "idp"
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    proc = _train(small_world, out, "tracking=wandb", "tracking_project=console-test", "steps=10", "eval_every=5",
+                  env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = _wandb_offline_runs(tmp_path)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {h["_step"]: h["loss"] for h in run["history"] if "loss" in h}
+    assert sorted(losses) == [r["step"] for r in logged] and losses[10] == pytest.approx(logged[-1]["loss"])
+    assert any("eval_loss" in h for h in run["history"])
+    assert run["name"] == "idp" and run["config"]["steps"] == 10 and run["exit"] == 0
+    assert "samples_per_s" in run["summary"]

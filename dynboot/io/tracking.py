@@ -4,7 +4,7 @@
     tracker.log({"loss": 0.3, "samples_per_s": 52.0}, step=10)
     tracker.finish({"eval_exact": 0.87})            # summary values; status FINISHED (finish(ok=False): FAILED)
 
-The packages are optional extras (`pip install -e '.[tracking]'`: mlflow-skinny; wandb separately) and imported
+The packages are optional extras (`pip install -e '.[tracking]'`: mlflow-skinny and wandb) and imported
 only when a tracker is asked for. Credentials come from the environment the packages read themselves
 (MLFLOW_TRACKING_URI / MLFLOW_TRACKING_TOKEN / MLFLOW_TRACKING_USERNAME+PASSWORD, WANDB_API_KEY); nothing here
 reads, passes or logs them. MLflow 3's file store (`file:///…`, `./mlruns`) refuses to open unless
@@ -90,12 +90,14 @@ class MlflowTracker:
 
 
 class WandbTracker:
-    """One W&B run; the API key and mode (WANDB_API_KEY, WANDB_MODE=offline) are wandb's own environment."""
+    """One W&B run; the API key and mode (WANDB_API_KEY, WANDB_MODE=offline) are wandb's own environment.
+    `reinit="create_new"`: a driver tracks several jobs, in turn or at once (the quickstart's FDP runs), and
+    wandb's default would finish the open run when the next one starts."""
 
     def __init__(self, run_name: str, params: dict[str, Any], project: str):
         import wandb
 
-        self.run = wandb.init(project=project, name=run_name, config=params)
+        self.run = wandb.init(project=project, name=run_name, config=params, reinit="create_new")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -115,5 +117,5 @@ def open_tracker(kind: TrackingKind, run_name: str, params: dict[str, Any], uri:
             return MlflowTracker(run_name, params, uri, project)
         return WandbTracker(run_name, params, project)
     except ModuleNotFoundError as err:
-        package = {"mlflow": "mlflow-skinny (pip install -e '.[tracking]')", "wandb": "wandb (pip install wandb)"}[kind]
+        package = {"mlflow": "mlflow-skinny (pip install -e '.[tracking]')", "wandb": "wandb (pip install -e '.[tracking]')"}[kind]
         raise ValueError(f"tracking={kind} needs {package}: {err}") from None
