@@ -39,6 +39,7 @@ from dynboot.cli import job_main
 from dynboot.config import Config
 from dynboot.io.rundir import ResumeMode, RunDir, write_json
 from dynboot.models.base import TinySize
+from jobs.train_config import gold_plus
 
 __all__ = ["BootstrapConfig", "run", "run_rounds", "relabel_and_filter", "round_dirs", "should_stop", "round_row"]
 
@@ -69,6 +70,10 @@ class BootstrapConfig(Config):
                                                             "CE as the quickstart's method.")
     back_translation: BackTranslation = Field(default_factory=BackTranslation,
                                               description="Generated + verified pairs for the next round's IDP.")
+    balance_classes: bool = Field(True, description="Every IDP and FDP mixture of gold + pseudo / back-translated "
+                                  "pairs keeps each action class at its gold share (dynboot.data.mixture."
+                                  "class_balanced): the classes the IDP is weak on get few pseudo pairs and would "
+                                  "otherwise be diluted round after round.")
     ns: list[int] = Field([1, 2, 4, 8], description="Best-of-N values evaluated per round (IDP verifier).")
     min_improvement: float = Field(0.0, ge=0, description="Stop rule: a round must beat the best earlier FDP's "
                                    "validation exact match by more than this to continue the loop.")
@@ -275,17 +280,17 @@ def run_rounds(cfg: BootstrapConfig, world: Path, first_round: dict[str, Path] |
     for k in range(cfg.rounds):
         d, t0 = round_dirs(root, k, first_round), time.time()
         print(f"\n=== round {k}", flush=True)
-        idp_data = [gold]
+        idp_extra = []
         if k:
             prev = round_dirs(root, k - 1, first_round)
-            idp_data += [{"path": str(prev["filter"] / "shards"), "weight": float(_kept(prev["filter"]))}] if _kept(prev["filter"]) else []
-            bt_kept = _kept(prev["backtranslate"])
-            idp_data += [{"path": str(prev["backtranslate"]), "weight": float(bt_kept)}] if bt_kept else []
-        _train(cfg, world, d["idp"], "idp", idp_data, cfg.idp_steps)
+            idp_extra = [{"path": str(prev["filter"] / "shards"), "weight": float(_kept(prev["filter"]))},
+                         {"path": str(prev["backtranslate"]), "weight": float(_kept(prev["backtranslate"]))}]
+        if not _done(d["idp"]):
+            _train(cfg, world, d["idp"], "idp", gold_plus(gold, idp_extra, cfg.balance_classes), cfg.idp_steps)
         relabel_and_filter(world, d["idp"], d["relabel"], d["filter"], cfg.min_score)
-        kept = _kept(d["filter"])
-        _train(cfg, world, d["fdp"], "fdp", [gold] + ([{"path": str(d["filter"] / "shards"), "weight": float(kept)}]
-                                             if kept else []), cfg.fdp_steps)
+        if not _done(d["fdp"]):
+            pseudo = {"path": str(d["filter"] / "shards"), "weight": float(_kept(d["filter"]))}
+            _train(cfg, world, d["fdp"], "fdp", gold_plus(gold, [pseudo], cfg.balance_classes), cfg.fdp_steps)
         fresh = not _done(d["eval"])
         record = _evaluate(cfg, world, d, k, val, test)
         record["bt_pairs"] = _kept(round_dirs(root, k - 1, first_round)["backtranslate"]) if k else 0

@@ -40,6 +40,7 @@ from pydantic import Field
 
 from dynboot.io import partitions, storage
 from dynboot.config import Config
+from dynboot.data.mixture import action_class
 from dynboot.data.pairs import PAIR_SCHEMA, conform
 from dynboot.io.ray_session import ray_session
 from dynboot.io.rundir import ResumeMode, RunDir
@@ -65,12 +66,6 @@ class FilterConfig(Config):
                                "changes; off: set the old output aside (local directories).")
     ray_address: str = Field("", description="Ray cluster to join ('' = RAY_ADDRESS or a new local cluster).")
     num_cpus: int = Field(0, ge=0, description="Logical CPUs of a new local cluster (0 = all cores).")
-
-
-def action_class(action: str) -> str:
-    """The caption's class: its first word, lower-cased ('' for an empty action)."""
-    words = str(action).split()
-    return words[0].lower() if words else ""
 
 
 def stratified_top_k(ids: list[str], classes: list[str], scores: list[float], k: int,

@@ -41,6 +41,7 @@ from dynboot.models.base import TinySize
 
 from jobs.bootstrap import relabel_and_filter
 from jobs.quickstart_eval import ablation_weighting, evaluate_stage, write_quickstart_report
+from jobs.train_config import gold_plus
 
 __all__ = ["QuickstartConfig", "run", "train_fdp_runs"]
 
@@ -66,6 +67,10 @@ class QuickstartConfig(Config):
     batch_size: int = Field(64, ge=1, description="Pairs per step.")
     pseudo_ratio: float = Field(1.0, gt=0, description="Weight of the pseudo source against gold in the FDP mixture "
                                 "(per pair: 1.0 = every pair drawn equally often).")
+    balance_classes: bool = Field(True, description="Train on gold + pseudo with every action class at its gold share "
+                                  "(dynboot.data.mixture.class_balanced): the filter keeps almost no pseudo pair of "
+                                  "the IDP's weak class (add), and a plain mixture diluted it from 20 % to 6 % of the "
+                                  "draws; balanced, its gold pairs are drawn more often instead.")
     min_score: float = Field(-0.05, description="Filter: keep pseudo pairs whose IDP mean per-token log-prob is at "
                              "least this (-0.05 = the IDP gave its caption ~95% per token). On the world the wrong "
                              "captions score below -0.12 and the right ones above -0.005 (90% of each).")
@@ -157,7 +162,8 @@ def _rounds(cfg: QuickstartConfig, world: Path, first_round: dict[str, Path]) ->
         out=str(Path(cfg.out) / "rounds"), rounds=cfg.rounds, world=str(world), val=max(10, min(100, cfg.test // 3)),
         seed=cfg.seed, size=cfg.size,
         idp_steps=cfg.idp_steps, fdp_steps=cfg.fdp_steps, batch_size=cfg.batch_size, min_score=cfg.min_score,
-        weighting=cfg.weighting, ns=cfg.ns, zero_stage=cfg.zero_stage, num_cpus=cfg.num_cpus,
+        weighting=cfg.weighting, balance_classes=cfg.balance_classes, ns=cfg.ns, zero_stage=cfg.zero_stage,
+        num_cpus=cfg.num_cpus,
         back_translation=cfg.back_translation), first_round)
     say(f"  rounds: {summary['rounds_run']} run, best round {summary['best_round']}"
         f"{'; stopped: ' + summary['stopped'] if summary['stopped'] else ''}")
@@ -219,11 +225,12 @@ def _run(cfg: QuickstartConfig, root: RunDir) -> dict:
                              f"the threshold; train it longer (idp_steps=) or lower min_score=, then rerun (finished "
                              f"stages are kept; delete {filt} to refilter)")
         pseudo_src = {"path": str(filt / "shards"), "weight": cfg.pseudo_ratio * kept}
+        boot_data = gold_plus(gold_src, [pseudo_src], cfg.balance_classes)
         other = ablation_weighting(cfg)
         t = _stage(f"4/{n} train FDP ({cfg.weighting}): gold only, gold + pseudo"
                    f"{f'; gold + pseudo with {other}' if cfg.ablation else ''}", t_all)
-        runs = [(fdp["gold"], [gold_src], cfg.weighting), (fdp["boot"], [gold_src, pseudo_src], cfg.weighting)]
-        train_fdp_runs(cfg, runs + ([(fdp["ablation"], [gold_src, pseudo_src], other)] if cfg.ablation else []))
+        runs = [(fdp["gold"], [gold_src], cfg.weighting), (fdp["boot"], boot_data, cfg.weighting)]
+        train_fdp_runs(cfg, runs + ([(fdp["ablation"], boot_data, other)] if cfg.ablation else []))
         finished("fdp", t)
 
         t = _stage(f"5/{n} evaluate: best-of-N (N={cfg.ns}) through the serve app, greedy metrics of every model"

@@ -14,7 +14,7 @@ from dynboot.io.tracking import TrackingKind
 from dynboot.models.base import TinySize
 from dynboot.training.trainer import LoopConfig
 
-__all__ = ["LoraSettings", "TrainConfig", "world_train_config"]
+__all__ = ["LoraSettings", "TrainConfig", "world_train_config", "gold_plus"]
 
 
 class LoraSettings(Config):
@@ -128,3 +128,18 @@ def world_train_config(task: str, data: list[dict], out: str, steps: int, eval_d
         "task": task, "data": data, "out": out, "steps": steps, "num_workers": 1, "cpus_per_worker": 1.0 / share,
         "ingest_cpus": 0.5 / share, "threads": 2 if share == 1 else 1, "eval_data": eval_data,
         "eval_every": max(steps // 4, 1), "checkpoint_every": max(steps // 2, 1), **fields})
+
+
+def gold_plus(gold: dict, extra: list[dict], balance: bool) -> list[dict]:
+    """The mixture `gold` + `extra` sources (mappings of Source fields), as the quickstart and bootstrap train on
+    it; `balance`: with every action class at its gold share (`dynboot.data.mixture.class_balanced`, the counts
+    read from the sources), else as given. Sources of no rows are left out."""
+    from dynboot.data.data_index import class_counts
+    from dynboot.data.mixture import Source, class_balanced
+
+    extra = [e for e in extra if e.get("weight", 1.0) > 0]
+    if not balance or not extra:
+        return [gold] + extra
+    g = Source.model_validate(gold)
+    others = [(Source.model_validate(e), class_counts(Source.model_validate(e))) for e in extra]
+    return [s.model_dump(mode="json") for s in class_balanced(g, class_counts(g), others)]

@@ -36,10 +36,10 @@ from pyarrow import fs as pafs
 
 from dynboot.io import storage
 from dynboot.data.aurora import BenchmarkRefused, aurora_sets, image_root, image_uri, read_aurora
-from dynboot.data.mixture import MixturePlan, Source
+from dynboot.data.mixture import MixturePlan, Source, action_class
 
 __all__ = ["CHUNK_ROWS", "PAIR_COLUMNS", "RECORD_SCHEMA", "SourceIndex", "DataIndex", "EmptySource", "build_index",
-           "record_index", "load_index", "changes", "resolve_kind", "BenchmarkRefused"]
+           "record_index", "load_index", "changes", "resolve_kind", "BenchmarkRefused", "class_counts"]
 
 CHUNK_ROWS = 64
 INDEX_FILE = "index.json"
@@ -74,6 +74,8 @@ class SourceIndex:
 class DataIndex:
     sources: list[SourceIndex]
     uri: str = ""  # where it is recorded ("" = in memory only)
+    # decoded chunks this process keeps (dynboot.data.ingest, small data sets only): never serialised
+    decoded: dict = field(default_factory=dict, repr=False, compare=False)
 
     def plan(self, seed: int, window: int) -> MixturePlan:
         return MixturePlan([s.chunk_rows for s in self.sources], [s.weight for s in self.sources], seed, window)
@@ -145,6 +147,9 @@ def _parquet_files(path: str) -> list[str]:
 
 
 def _pairs_index(src: Source, path: str) -> SourceIndex:
+    if src.classes:
+        raise ValueError(f"data source {src.path!r}: `classes` selects AURORA records; Parquet pairs are selected by "
+                         "class with `dynboot filter` (its output is the source)")
     files = _parquet_files(path)
     with ThreadPoolExecutor(16) as pool:  # footers are small reads: on object storage latency dominates
         footers = list(pool.map(_footer, files))
@@ -197,9 +202,13 @@ def _existing(uris: list[str]) -> set[str]:
 
 
 def _records_index(src: Source, sets) -> tuple[SourceIndex, pa.Table]:
-    rows, missing, examples, no_target, set_names = [], 0, [], 0, []
+    rows, missing, examples, no_target, set_names, other_class = [], 0, [], 0, [], 0
     for aset in sets:
         records = read_aurora(aset.json)
+        if src.classes:
+            kept = [r for r in records if action_class(r.instruction) in src.classes]
+            other_class += len(records) - len(kept)
+            records = kept
         root = image_root(aset, records)
         set_names.append({"name": aset.name, "json": aset.json, "image_root": root, "records": len(records)})
         pairs = []
@@ -223,6 +232,8 @@ def _records_index(src: Source, sets) -> tuple[SourceIndex, pa.Table]:
         report |= {"missing_images": missing, "missing_examples": examples}
     if no_target:
         report["no_target"] = no_target
+    if src.classes:
+        report |= {"classes": list(src.classes), "other_classes": other_class}
     if src.max_items is not None and len(rows) > src.max_items:
         report["capped_from"] = len(rows)
         keep = sorted(range(len(rows)), key=lambda k: (_hash(rows[k]["id"]), k))[: src.max_items]
@@ -231,6 +242,8 @@ def _records_index(src: Source, sets) -> tuple[SourceIndex, pa.Table]:
         total = sum(s["records"] for s in set_names)
         why = (f"{missing} of {total} records have a missing image (e.g. {examples[0]}; AURORA's training images are "
                "downloaded separately from its repository)" if missing else f"{total} records, none with an output image")
+        if src.classes and not total:
+            why = f"no record of the classes {src.classes} ({other_class} of other classes)"
         raise EmptySource(f"data source {src.path!r} yields 0 pairs: {why}")
     chunks = [[0, g, 0, min(CHUNK_ROWS, len(rows) - g * CHUNK_ROWS)] for g in range(-(-len(rows) // CHUNK_ROWS))]
     table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
@@ -277,6 +290,25 @@ def build_index(sources: list[Source], allow_test: bool = False) -> DataIndex:
             index = _pairs_index(src, what)
         built.append(index)
     return _MemoryIndex(built, tables)
+
+
+def class_counts(src: Source) -> dict[str, int]:
+    """Rows per action class (`mixture.action_class`) of a source, as training would read it (`classes` applied;
+    `max_items` not): the instructions of AURORA records, the `action` column of Parquet pair files."""
+    from collections import Counter
+
+    kind, what = resolve_kind(src)
+    if kind == "records":
+        actions = [r.instruction for aset in what for r in read_aurora(aset.json) if r.output is not None]
+    else:
+        def read(uri: str) -> list[str]:
+            fs, inner = storage.resolve(uri)
+            return storage.retry(lambda: pq.read_table(inner, filesystem=fs, columns=["action"]),
+                                 what=f"reading {uri}").column("action").to_pylist()
+        with ThreadPoolExecutor(16) as pool:
+            actions = [a for part in pool.map(read, _parquet_files(what)) for a in part]
+    counts = Counter(action_class(a) for a in actions)
+    return dict(sorted((c, n) for c, n in counts.items() if not src.classes or c in src.classes))
 
 
 def record_index(index: DataIndex, out_dir: str) -> DataIndex:

@@ -10,7 +10,9 @@ groups, or AURORA records whose images it fetches), permutes them (the window is
 the rows a resumed rank already consumed, decodes every image (any format, mode, orientation) and applies the
 model's image policy, so the rank receives [n, S, S, 3] arrays of one size whatever sizes the data has; nothing on
 the way stacks raw images. A rank holds a few decoded batches at a time (Ray Data's prefetch), never its shard:
-its memory does not grow with the dataset. Rows that cannot be used (an undecodable image, a missing file, a
+its memory does not grow with the dataset — except that a data set whose decoded images fit in DECODE_CACHE_BYTES
+(256 MiB: the embedded world's 3000 pairs take 18 MB) is decoded once per read process and kept, instead of once
+per epoch. Rows that cannot be used (an undecodable image, a missing file, a
 Parquet file that changed or broke since the index was built) keep their place in the window as rows carrying an
 `error`, so every rank and every restart sees the same positions; the rank counts and skips them. Transient I/O
 errors are retried (dynboot.io.storage.retry); if they persist the task fails, Ray Data retries it, and in the end the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, Iterator, Literal
 
@@ -34,6 +37,7 @@ from dynboot.data.mixture import MixturePlan, Piece
 __all__ = ["RankStream", "read_examples", "decode_pieces", "window_batches"]
 
 DECODE_ROWS = 32  # rows per decoded batch a read task yields (a block of Ray Data)
+DECODE_CACHE_BYTES = 256 << 20  # a data set whose decoded rows fit in this is decoded once per read process
 
 
 # ---- reading and decoding (inside Ray Data tasks, or in this process) -------------------------------------------
@@ -72,39 +76,77 @@ def _image(row: dict[str, Any], side: str) -> bytes:
         raise ValueError(f"missing image {uri}") from None
 
 
-def _decode(rows: list[dict[str, Any]], policy: ImagePolicy, window: int, first_pos: int) -> dict[str, np.ndarray]:
-    """Decoded, policy-applied arrays of `rows`; a row that cannot be used gets zero images and its `error`."""
+def _decoded(row: dict[str, Any], policy: ImagePolicy) -> dict[str, Any]:
+    """A row as the rank receives it: its policy-applied images, or zero images and its `error`."""
     S = policy.size
+    out = {"id": str(row.get("id") or ""), "source": str(row.get("source") or "gold"), "src": row["src"], "action": "",
+           "error": "", "before": None, "after": None}
+    try:
+        if row.get("error"):
+            raise ValueError(row["error"])
+        action = row.get("action")
+        if not isinstance(action, str) or not action.strip():
+            raise ValueError("missing action")
+        out["before"] = policy.apply(decode_image(_image(row, "before")))
+        out["after"] = policy.apply(decode_image(_image(row, "after")))
+        out["action"] = action
+    except ValueError as err:
+        out["error"] = f"row {row.get('id')!r}: {err}"[:300]
+    if out["before"] is None or out["after"] is None:
+        out["before"] = out["after"] = np.zeros((S, S, 3), np.uint8)
+    return out
+
+
+def _stack(rows: list[dict[str, Any]], window: int, first_pos: int) -> dict[str, np.ndarray]:
     n = len(rows)
-    before, after = np.zeros((n, S, S, 3), np.uint8), np.zeros((n, S, S, 3), np.uint8)
-    errors, actions = [""] * n, [""] * n
-    for i, row in enumerate(rows):
-        try:
-            if row.get("error"):
-                raise ValueError(row["error"])
-            action = row.get("action")
-            if not isinstance(action, str) or not action.strip():
-                raise ValueError("missing action")
-            before[i] = policy.apply(decode_image(_image(row, "before")))
-            after[i] = policy.apply(decode_image(_image(row, "after")))
-            actions[i] = action
-        except ValueError as err:
-            errors[i] = f"row {row.get('id')!r}: {err}"[:300]
-    col = lambda key, default="": np.asarray([str(r.get(key) or default) for r in rows], dtype=object)  # noqa: E731
-    return {"before": before, "after": after, "action": np.asarray(actions, dtype=object), "id": col("id"),
-            "source": col("source", "gold"), "src": np.asarray([r["src"] for r in rows], np.int32),
-            "window": np.full(n, window, np.int64), "pos": np.arange(first_pos, first_pos + n, dtype=np.int64),
-            "error": np.asarray(errors, dtype=object)}
+    col = lambda key: np.asarray([r[key] for r in rows], dtype=object)  # noqa: E731
+    return {"before": np.stack([r["before"] for r in rows]), "after": np.stack([r["after"] for r in rows]),
+            "action": col("action"), "id": col("id"), "source": col("source"),
+            "src": np.asarray([r["src"] for r in rows], np.int32), "window": np.full(n, window, np.int64),
+            "pos": np.arange(first_pos, first_pos + n, dtype=np.int64), "error": col("error")}
+
+
+def _fits_in_memory(index: DataIndex, policy: ImagePolicy) -> bool:
+    """Whether every row of the index, decoded, fits in DECODE_CACHE_BYTES (both images, uint8)."""
+    rows = sum(s.rows for s in index.sources)
+    return rows * 2 * policy.size * policy.size * 3 <= DECODE_CACHE_BYTES
+
+
+_CACHING: "weakref.ref[DataIndex] | None" = None  # the index whose decoded chunks this process keeps
+
+
+def _piece_decoded(index: DataIndex, piece: Piece, policy: ImagePolicy) -> list[dict[str, Any]]:
+    """The decoded rows of a piece. When the whole data set fits (`_fits_in_memory`), a chunk is read and decoded
+    once per process and kept on the index: a small data set is trained on for many epochs, and decoding it
+    again every epoch cost as much CPU as a tiny model's training step. A chunk that could not be read (its
+    rows carry the reason) is not kept: the next epoch reads it again."""
+    if not _fits_in_memory(index, policy):
+        return [_decoded(r, policy) for r in _piece_rows(index, piece)]
+    global _CACHING
+    if _CACHING is not None and _CACHING() is not index:  # one index's chunks per process: a new run's replace them
+        old = _CACHING()
+        if old is not None:
+            old.decoded.clear()
+    _CACHING = weakref.ref(index)
+    key = (piece.src, piece.chunk, policy.model_dump_json())
+    rows = index.decoded.get(key)
+    if rows is None:
+        hi = index.sources[piece.src].chunk_rows[piece.chunk]
+        raw = _piece_rows(index, Piece(piece.src, piece.chunk, 0, int(hi)))
+        rows = [_decoded(r, policy) for r in raw]
+        if not any("error" in r for r in raw):
+            index.decoded[key] = rows
+    return rows[piece.lo: piece.hi]
 
 
 def decode_pieces(index: DataIndex, pieces: list[Piece], policy: ImagePolicy, order: np.ndarray | None = None,
                   skip: int = 0, window: int = -1, batch_rows: int = DECODE_ROWS) -> Iterator[dict[str, np.ndarray]]:
     """Rows of `pieces` (permuted by `order`, the first `skip` dropped) as decoded batches of `batch_rows`."""
-    rows = [r for p in pieces for r in _piece_rows(index, p)]
+    rows = [r for p in pieces for r in _piece_decoded(index, p, policy)]
     if order is not None:
         rows = [rows[k] for k in order]
     for start in range(skip, len(rows), batch_rows):
-        yield _decode(rows[start: start + batch_rows], policy, window, start)
+        yield _stack(rows[start: start + batch_rows], window, start)
 
 
 def window_batches(index: DataIndex, plan: MixturePlan, t: int, rank: int, world: int, policy: ImagePolicy,

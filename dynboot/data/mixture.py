@@ -20,6 +20,12 @@ Semantics (the same for the plain loop and every Ray Train rank):
   FDP runs); `tag` (default empty = off) is a provenance word prepended to the FDP action, i.e. to the FDP prompt
   (DreamGen's `<DREAM>` idea): refused for IDP, where the action is the *target*, and it must be a word the
   backend's tokenizer knows.
+- `classes` (AURORA sources) keeps only the records whose action class — the instruction's first word,
+  lower-cased (`action_class`) — is one of them: one data set split into per-class sources.
+- `class_balanced` builds such a split so that adding pseudo-labelled sources keeps every class at its share of
+  the gold data: a relabelling IDP that is weak on one class (the world's `add`) yields few or no pseudo pairs of
+  it, and a plain gold + pseudo mixture then dilutes that class; the balanced mixture draws its gold pairs more
+  often instead (against a pseudo pair, every gold pair at least as often as in the plain mixture).
 - world-data augmentation touches gold rows only (`gold_only`): it re-derives actions from the images.
 """
 
@@ -35,7 +41,8 @@ from pydantic import Field
 
 from dynboot.config import Config
 
-__all__ = ["Source", "parse_sources", "MixturePlan", "Piece", "gold_only", "SourceFormat"]
+__all__ = ["Source", "parse_sources", "MixturePlan", "Piece", "gold_only", "SourceFormat", "action_class",
+           "class_balanced"]
 
 SourceFormat = Literal["auto", "aurora", "parquet"]
 
@@ -50,6 +57,39 @@ class Source(Config):
     weight: float = Field(1.0, gt=0, description="Share of the samples drawn from this source (ratio, see module doc).")
     max_items: int | None = Field(None, ge=1, description="Use at most this many rows of the source (None = all).")
     tag: str = Field("", description="Provenance word prepended to the FDP prompt (empty = off).")
+    classes: list[str] = Field([], description="AURORA sources: keep only the records whose action class (the "
+                               "instruction's first word, lower-cased) is one of these (empty = all; see "
+                               "`class_balanced`). Parquet pairs are selected by class with `dynboot filter`.")
+
+
+def action_class(action: str) -> str:
+    """An action's class: its first word, lower-cased ('' for an empty action)."""
+    words = str(action).split()
+    return words[0].lower() if words else ""
+
+
+def class_balanced(gold: Source, gold_counts: dict[str, int], extra: list[tuple[Source, dict[str, int]]]) -> list[Source]:
+    """`[gold] + extra sources` as a mixture in which every class of the gold data keeps its gold share of the
+    draws: `gold` split into one source per class (`classes=[c]`), weighted so that gold class c's pairs plus the
+    extra sources' class-c pairs make up gold_counts[c] / sum(gold_counts) of the gold classes' draws. The extra
+    sources keep their weights; against their pairs, a gold pair is drawn at least as often as in `[gold] + extra`
+    (the class the extra sources add most to keeps gold's weight per pair, the others are raised), so the extra
+    sources' share of the draws shrinks. A class only the extra sources have stays as they give it. `*_counts`
+    are rows per action class."""
+    total = sum(gold_counts.values())
+    if total <= 0:
+        raise ValueError("class_balanced: the gold source has no rows")
+    # what the extra sources draw of each class, in the units of the source weights
+    given: dict[str, float] = {}
+    for src, counts in extra:
+        n = sum(counts.values())
+        for c, k in counts.items():
+            given[c] = given.get(c, 0.0) + (src.weight * k / n if n else 0.0)
+    share = {c: k / total for c, k in gold_counts.items() if k > 0}
+    scale = gold.weight + max(given.get(c, 0.0) / g for c, g in share.items())  # gold classes' weight in all
+    split = [gold.model_copy(update={"classes": [c], "weight": g * scale - given.get(c, 0.0)})
+             for c, g in sorted(share.items())]
+    return split + [src for src, _ in extra]
 
 
 def parse_sources(value: Any) -> list[Any]:
