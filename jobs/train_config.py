@@ -32,7 +32,7 @@ class TrainConfig(LoopConfig):
     """dynboot train: IDP or FDP on a gold + pseudo mixture with Ray Train + DeepSpeed (LoRA or full)."""
 
     rerun_may_change: ClassVar[frozenset[str]] = frozenset({
-        "cpus_per_worker", "threads", "ingest_cpus", "ingest_tasks", "max_failures", "checkpoint_every", "keep",
+        "cpus_per_worker", "threads", "ingest_cpus", "ingest_tasks", "decode_cache_mb", "max_failures", "checkpoint_every", "keep",
         "eval_every", "eval_limit", "eval_generate", "fault_step", "fault_rank", "progress_every_s", "tracking",
         "tracking_uri", "tracking_project", "name"})
 
@@ -68,6 +68,9 @@ class TrainConfig(LoopConfig):
                                 "what one read task holds (dynboot.data.mixture).")
     ingest_cpus: float = Field(0.5, gt=0, description="CPUs per Ray Data read task (read + decode + image policy).")
     ingest_tasks: int = Field(2, ge=1, description="Read tasks in flight per rank (bounds what the ingest holds).")
+    decode_cache_mb: float = Field(256, ge=0, description="A mixture whose decoded images fit in this many MiB is "
+                                   "decoded once per read process and kept, instead of once per epoch "
+                                   "(dynboot.data.ingest; 0 = never).")
     checkpoint_every: int = Field(250, ge=0, description="Steps between checkpoints (0 = only at the end).")
     keep: int = Field(2, ge=1, description="Checkpoints kept.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint before the run fails.")

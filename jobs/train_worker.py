@@ -93,7 +93,8 @@ def plain_reference(cfg: TrainConfig) -> list[dict]:
     cfg = cfg.resolved()
     torch.manual_seed(cfg.seed)  # as the worker does before building the model (LoRA init, then dropout)
     model = build_model(cfg, cfg.use_lora)
-    stream = RankStream(build_index(cfg.data), 0, 1, model.tokenizer.policy, cfg.seed, cfg.shuffle_window)
+    stream = RankStream(build_index(cfg.data), 0, 1, model.tokenizer.policy, cfg.seed, cfg.shuffle_window,
+                        cache_mb=cfg.decode_cache_mb)
     augment = None
     if cfg.augment and world_of(model) is not None:
         from dynboot.world.augment import world_augmenter
@@ -214,7 +215,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     (start * samples_per_step // window, 0))  # no state (the worker count changed): the nearest window
         stream = RankStream(load_index(index_dir), rank, world, model.tokenizer.policy, cfg.seed, window, start=position,
                             reader="ray", rows_hint=(cfg.steps - start) * samples_per_step,
-                            ingest_cpus=cfg.ingest_cpus, ingest_tasks=cfg.ingest_tasks)
+                            ingest_cpus=cfg.ingest_cpus, ingest_tasks=cfg.ingest_tasks,
+                            cache_mb=cfg.decode_cache_mb)
         stream.start()  # the ingest's start-up overlaps DeepSpeed's set-up and the checkpoint load
         engine, *_ = deepspeed.initialize(model=model.net, optimizer=build_optimizer(model.net.parameters(), cfg),
                                           config=ds_config(cfg, bf16))

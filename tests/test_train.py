@@ -127,6 +127,36 @@ def test_plan_shares_epochs_ranks_and_resume():
         assert len(RankStream(idx, rank, 3, policy, seed=0, window=4).next(16)) == 16
 
 
+def test_a_small_data_set_is_decoded_once_and_streams_the_same_rows(small_world, pseudo_shards, tmp_path):
+    """decode_cache_mb: an index whose decoded images fit is decoded once per process, not once per epoch: the same
+    examples in the same order as without the cache, malformed rows still skipped, and the second epoch reads no
+    image file (they are deleted after the first here: without the cache every row of it would be malformed)."""
+    import shutil
+
+    gold = tmp_path / "gold"
+    shutil.copytree(small_world / "gold", gold)
+    sources = [Source(path=str(gold)), Source(path=str(pseudo_shards), weight=0.1)]
+
+    def stream(cache_mb: float) -> RankStream:
+        return RankStream(build_index(sources), 0, 1, GRID, seed=3, window=64, cache_mb=cache_mb)
+
+    plain, cached = stream(0), stream(256)
+    epoch = 230  # > one epoch of the 200 gold rows (+ the pseudo rows, one of them malformed)
+    want, got = plain.next(epoch), cached.next(epoch)
+    assert [e.meta["id"] for e in got] == [e.meta["id"] for e in want]
+    assert all(np.array_equal(a.before, b.before) and np.array_equal(a.after, b.after) and a.action == b.action
+               for a, b in zip(got, want))
+    assert set(cached.malformed) == set(plain.malformed) and len(cached.malformed) == 1
+    too_small = stream(0.001)  # 1 KiB: the data set does not fit, nothing is kept
+    too_small.next(8)
+    assert not too_small.index.decoded and cached.index.decoded
+    shutil.rmtree(gold / "images")
+    again = cached.next(epoch)
+    assert len(again) == epoch and not any("missing image" in r for r in cached.malformed.values())
+    plain.next(epoch)  # without it the second epoch reads the files again: its gold rows are malformed now
+    assert sum("missing image" in r for r in plain.malformed.values()) == 200
+
+
 def test_index_counts_bad_files_and_rows_and_reports_changes(small_world, pseudo_shards, tmp_path):
     index = build_index([Source(path=str(small_world)), Source(path=str(pseudo_shards), weight=3)])
     gold, pseudo = index.sources

@@ -10,9 +10,9 @@ groups, or AURORA records whose images it fetches), permutes them (the window is
 the rows a resumed rank already consumed, decodes every image (any format, mode, orientation) and applies the
 model's image policy, so the rank receives [n, S, S, 3] arrays of one size whatever sizes the data has; nothing on
 the way stacks raw images. A rank holds a few decoded batches at a time (Ray Data's prefetch), never its shard:
-its memory does not grow with the dataset — except that a data set whose decoded images fit in DECODE_CACHE_BYTES
-(256 MiB: the embedded world's 3000 pairs take 18 MB) is decoded once per read process and kept, instead of once
-per epoch. Rows that cannot be used (an undecodable image, a missing file, a
+its memory does not grow with the dataset — except that a data set whose decoded images fit in `cache_mb` (256 MiB
+by default, the train job's `decode_cache_mb`; the embedded world's 3000 pairs take 18 MB) is decoded once per read
+process and kept, instead of once per epoch. Rows that cannot be used (an undecodable image, a missing file, a
 Parquet file that changed or broke since the index was built) keep their place in the window as rows carrying an
 `error`, so every rank and every restart sees the same positions; the rank counts and skips them. Transient I/O
 errors are retried (dynboot.io.storage.retry); if they persist the task fails, Ray Data retries it, and in the end the
@@ -37,7 +37,7 @@ from dynboot.data.mixture import MixturePlan, Piece
 __all__ = ["RankStream", "read_examples", "decode_pieces", "window_batches"]
 
 DECODE_ROWS = 32  # rows per decoded batch a read task yields (a block of Ray Data)
-DECODE_CACHE_BYTES = 256 << 20  # a data set whose decoded rows fit in this is decoded once per read process
+DECODE_CACHE_MB = 256  # default: a data set whose decoded rows fit in this is decoded once per read process
 
 
 # ---- reading and decoding (inside Ray Data tasks, or in this process) -------------------------------------------
@@ -106,21 +106,21 @@ def _stack(rows: list[dict[str, Any]], window: int, first_pos: int) -> dict[str,
             "pos": np.arange(first_pos, first_pos + n, dtype=np.int64), "error": col("error")}
 
 
-def _fits_in_memory(index: DataIndex, policy: ImagePolicy) -> bool:
-    """Whether every row of the index, decoded, fits in DECODE_CACHE_BYTES (both images, uint8)."""
+def _fits_in_memory(index: DataIndex, policy: ImagePolicy, cache_mb: float) -> bool:
+    """Whether every row of the index, decoded, fits in `cache_mb` MiB (both images, uint8)."""
     rows = sum(s.rows for s in index.sources)
-    return rows * 2 * policy.size * policy.size * 3 <= DECODE_CACHE_BYTES
+    return rows * 2 * policy.size * policy.size * 3 <= cache_mb * (1 << 20)
 
 
 _CACHING: "weakref.ref[DataIndex] | None" = None  # the index whose decoded chunks this process keeps
 
 
-def _piece_decoded(index: DataIndex, piece: Piece, policy: ImagePolicy) -> list[dict[str, Any]]:
-    """The decoded rows of a piece. When the whole data set fits (`_fits_in_memory`), a chunk is read and decoded
+def _piece_decoded(index: DataIndex, piece: Piece, policy: ImagePolicy, cache_mb: float) -> list[dict[str, Any]]:
+    """The decoded rows of a piece. When the whole data set fits in `cache_mb` (`_fits_in_memory`), a chunk is read and decoded
     once per process and kept on the index: a small data set is trained on for many epochs, and decoding it
     again every epoch cost as much CPU as a tiny model's training step. A chunk that could not be read (its
     rows carry the reason) is not kept: the next epoch reads it again."""
-    if not _fits_in_memory(index, policy):
+    if not _fits_in_memory(index, policy, cache_mb):
         return [_decoded(r, policy) for r in _piece_rows(index, piece)]
     global _CACHING
     if _CACHING is not None and _CACHING() is not index:  # one index's chunks per process: a new run's replace them
@@ -140,9 +140,10 @@ def _piece_decoded(index: DataIndex, piece: Piece, policy: ImagePolicy) -> list[
 
 
 def decode_pieces(index: DataIndex, pieces: list[Piece], policy: ImagePolicy, order: np.ndarray | None = None,
-                  skip: int = 0, window: int = -1, batch_rows: int = DECODE_ROWS) -> Iterator[dict[str, np.ndarray]]:
+                  skip: int = 0, window: int = -1, batch_rows: int = DECODE_ROWS,
+                  cache_mb: float = DECODE_CACHE_MB) -> Iterator[dict[str, np.ndarray]]:
     """Rows of `pieces` (permuted by `order`, the first `skip` dropped) as decoded batches of `batch_rows`."""
-    rows = [r for p in pieces for r in _piece_decoded(index, p, policy)]
+    rows = [r for p in pieces for r in _piece_decoded(index, p, policy, cache_mb)]
     if order is not None:
         rows = [rows[k] for k in order]
     for start in range(skip, len(rows), batch_rows):
@@ -150,23 +151,23 @@ def decode_pieces(index: DataIndex, pieces: list[Piece], policy: ImagePolicy, or
 
 
 def window_batches(index: DataIndex, plan: MixturePlan, t: int, rank: int, world: int, policy: ImagePolicy,
-                   skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                   skip: int = 0, cache_mb: float = DECODE_CACHE_MB) -> Iterator[dict[str, np.ndarray]]:
     """Rank `rank`'s t-th window, decoded (the first `skip` rows of its permuted order dropped)."""
     j = plan.global_window(t, rank, world)
     pieces = plan.window_pieces(j)
     order = plan.window_order(j, sum(p.hi - p.lo for p in pieces))
-    yield from decode_pieces(index, pieces, policy, order, skip, window=t)
+    yield from decode_pieces(index, pieces, policy, order, skip, window=t, cache_mb=cache_mb)
 
 
 def _read_windows(batch: dict[str, np.ndarray], index_dir: str, rank: int, world: int, t0: int, skip: int, seed: int,
-                  window: int, policy: dict) -> Iterator[dict[str, np.ndarray]]:
+                  window: int, policy: dict, cache_mb: float) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: windows t0 + k for the k in `batch["id"]` (a range dataset)."""
     index = load_index(index_dir)
     plan = _plan(index_dir, seed, window)
     pol = ImagePolicy(**policy)
     for k in batch["id"]:
         t = t0 + int(k)
-        yield from window_batches(index, plan, t, rank, world, pol, skip if t == t0 else 0)
+        yield from window_batches(index, plan, t, rank, world, pol, skip if t == t0 else 0, cache_mb)
 
 
 _PLANS: dict[tuple, tuple[DataIndex, MixturePlan]] = {}
@@ -189,8 +190,9 @@ class RankStream:
 
     def __init__(self, index: DataIndex, rank: int, world: int, policy: ImagePolicy, seed: int, window: int,
                  start: tuple[int, int] = (0, 0), reader: Literal["local", "ray"] = "local", rows_hint: int = 0,
-                 ingest_cpus: float = 0.5, ingest_tasks: int = 2, prefetch: int = 2):
+                 ingest_cpus: float = 0.5, ingest_tasks: int = 2, prefetch: int = 2, cache_mb: float = DECODE_CACHE_MB):
         self.index, self.rank, self.world, self.policy = index, rank, world, policy
+        self.cache_mb = cache_mb
         self.seed, self.window, self.reader = seed, window, reader
         self.plan = index.plan(seed, window)
         self._epoch_rows = max(sum(s.rows for s in index.sources), window)
@@ -228,7 +230,8 @@ class RankStream:
             if self.reader == "local":
                 t = t0
                 while True:
-                    yield from window_batches(self.index, self.plan, t, self.rank, self.world, self.policy, skip if t == t0 else 0)
+                    yield from window_batches(self.index, self.plan, t, self.rank, self.world, self.policy,
+                                              skip if t == t0 else 0, self.cache_mb)
                     t += 1
             yield from self._ray_batches(t0, skip)
 
@@ -241,7 +244,8 @@ class RankStream:
         ds = ray.data.range(n, override_num_blocks=n).map_batches(
             _read_windows, batch_size=1, num_cpus=self.ingest_cpus, compute=ray.data.TaskPoolStrategy(size=self.ingest_tasks),
             fn_kwargs={"index_dir": storage.parent(self.index.uri), "rank": self.rank, "world": self.world, "t0": t0,
-                       "skip": skip, "seed": self.seed, "window": self.window, "policy": self.policy.model_dump()})
+                       "skip": skip, "seed": self.seed, "window": self.window, "policy": self.policy.model_dump(),
+                       "cache_mb": self.cache_mb})
         ds.context.execution_options.preserve_order = True  # the plan's order: resumable, and the plain loop's
         ds.context.enable_progress_bars = False
         got = False
