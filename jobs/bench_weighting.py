@@ -27,7 +27,9 @@ from pydantic import Field
 
 from dynboot.cli import job_main
 from dynboot.config import Config
-from dynboot.data.mixture import Source, gold_only, load_mixture
+from dynboot.data.data_index import build_index
+from dynboot.data.ingest import RankStream
+from dynboot.data.mixture import Source, gold_only
 from dynboot.models.tiny import TinyWorldModel
 from dynboot.data.pairs import load_examples
 from dynboot.eval.report import md_table
@@ -38,6 +40,7 @@ from dynboot.world.augment import world_augmenter
 from dynboot.world.generate import load_spec
 from dynboot.eval.world_eval import fdp_eval
 from dynboot.models.base import TinySize
+from jobs.train_config import gold_plus
 
 BASELINE = "none"
 
@@ -51,6 +54,9 @@ class BenchWeightingConfig(Config):
     variants: list[str] = Field(["none", "relative", "predicted_change", "entropy", "relative_annealed"],
                                 description="Weightings to train: `strategy[:field=value,...]` (LoopConfig fields).")
     gold_variants: list[str] = Field(["none"], description="Variants also trained on gold only (the bootstrapping row).")
+    unbalanced_variants: list[str] = Field([], description="Variants also trained on the plain gold + pseudo mixture "
+                                           "(not class-balanced: dynboot.data.mixture.class_balanced), compared with "
+                                           "the same variant on the run's own mixture.")
     seeds: list[int] = Field([0, 1], description="Seeds (initialisation + batch sampling) of every variant.")
     steps: int = Field(450, ge=1, description="Optimiser steps (the quickstart's fdp_steps).")
     batch_size: int = Field(64, ge=1, description="Pairs per step (the quickstart's batch_size).")
@@ -71,12 +77,16 @@ def parse_variant(variant: str) -> dict:
     return over
 
 
-def _sources(run: Path) -> tuple[list[Source], list[Source]]:
+def _sources(run: Path) -> dict[str, list[Source]]:
+    """The quickstart run's gold-only and gold + pseudo mixtures, as its FDP runs trained on them ("gold", "boot"),
+    and gold + pseudo not class-balanced ("boot_unbalanced")."""
     qs = yaml.safe_load((run / "config.yaml").read_text())
     kept = json.loads((run / "filter" / "summary.json").read_text())["pairs_kept"]
-    gold = Source(path=str(run / "world" / "gold"), weight=float(qs.get("gold", 1000)))
-    pseudo = Source(path=str(run / "filter" / "shards"), weight=float(qs.get("pseudo_ratio", 1.0)) * kept)
-    return [gold], [gold, pseudo]
+    gold = {"path": str(run / "world" / "gold"), "weight": float(qs.get("gold", 1000))}
+    pseudo = {"path": str(run / "filter" / "shards"), "weight": float(qs.get("pseudo_ratio", 1.0)) * kept}
+    boot = gold_plus(gold, [pseudo], bool(qs.get("balance_classes", False)))  # runs before balancing: plain
+    as_sources = lambda srcs: [Source.model_validate(s) for s in srcs]  # noqa: E731
+    return {"gold": as_sources([gold]), "boot": as_sources(boot), "boot_unbalanced": as_sources([gold, pseudo])}
 
 
 def run_name(data: str, variant: str, seed: int) -> str:
@@ -87,8 +97,9 @@ def train_and_score(cfg: BenchWeightingConfig, spec, sources: list[Source], test
                     save_to: Path | None = None) -> dict:
     loop_cfg = LoopConfig.model_validate({"task": "fdp", "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": seed,
                                           "threads": cfg.threads, "eval_every": 0, **parse_variant(variant)})
-    pool = load_mixture(sources, "fdp")
     model = TinyWorldModel.create(spec, cfg.size, seed=seed)
+    # the train job's data path in this process: the same plan, decoding and gold-only augmentation
+    stream = RankStream(build_index(sources), 0, 1, model.tokenizer.policy, seed, 256)
     t0, c0 = time.perf_counter(), time.process_time()
     curve = []
 
@@ -98,8 +109,8 @@ def train_and_score(cfg: BenchWeightingConfig, spec, sources: list[Source], test
             print(f"    {variant} seed {seed} step {rec['step']}/{cfg.steps} loss {rec['loss']:.4f} "
                   f"({rec['train_s']:.0f} s)", flush=True)
 
-    hist = TrainLoop(model, loop_cfg, pool.examples, augment=gold_only(world_augmenter(spec)),
-                     mixture_weights=pool.sampling_weights(sources)).run(log=progress)
+    hist = TrainLoop(model, loop_cfg, augment=gold_only(world_augmenter(spec)), batches=stream).run(log=progress)
+    stream.close()
     train_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     res = fdp_eval(model, test, spec, per_pair=True)
     if save_to is not None:
@@ -133,24 +144,35 @@ def run(cfg: BenchWeightingConfig) -> dict:
     root = Path(cfg.run)
     spec = load_spec(root / "world")
     test = load_examples(root / "world" / "test" / "test.json")
-    gold_src, boot_src = _sources(root)
+    sources = _sources(root)
     variants = list(dict.fromkeys([*cfg.variants, BASELINE]))  # baseline last: a parallel process may have it cached
     rows, runs = [], {}
     for seed in cfg.seeds:
-        boot = {v: _cached(cfg, spec, boot_src, test, "boot", v, seed) for v in variants}
-        gold = {v: _cached(cfg, spec, gold_src, test, "gold", v, seed) for v in dict.fromkeys(cfg.gold_variants)}
+        boot = {v: _cached(cfg, spec, sources["boot"], test, "boot", v, seed) for v in variants}
+        gold = {v: _cached(cfg, spec, sources["gold"], test, "gold", v, seed) for v in dict.fromkeys(cfg.gold_variants)}
+        plain = {v: _cached(cfg, spec, sources["boot_unbalanced"], test, "boot_unbalanced", v, seed)
+                 for v in dict.fromkeys(cfg.unbalanced_variants)}
         for v in [BASELINE] + [v for v in variants if v != BASELINE]:
             row = {"seed": seed, "variant": v, **compare(boot[v], boot[BASELINE])}
             if v in gold:
                 b = compare(boot[v], gold[v])
                 row |= {"gold_only_exact": round(gold[v]["exact"], 4), "boot_vs_gold": f"{b['gap']:+.3f} ({b['verdict']})"}
+            if v in plain:
+                u = compare(boot[v], plain[v])
+                row |= {"unbalanced_exact": round(plain[v]["exact"], 4),
+                        "balanced_vs_unbalanced": f"{u['gap']:+.3f} ({u['verdict']})"}
+                if v in gold:
+                    g = compare(plain[v], gold[v])
+                    row["unbalanced_vs_gold"] = f"{g['gap']:+.3f} ({g['verdict']})"
             rows.append(row)
         runs[str(seed)] = {"boot": {v: {k: r[k] for k in ("exact", "changed_cell_acc", "copy_rate", "by_type", "train_s")}
                                     for v, r in boot.items()},
-                           "gold": {v: {k: r[k] for k in ("exact", "changed_cell_acc", "copy_rate", "train_s")}
-                                    for v, r in gold.items()}}
+                           "gold": {v: {k: r[k] for k in ("exact", "changed_cell_acc", "copy_rate", "by_type", "train_s")}
+                                    for v, r in gold.items()},
+                           "boot_unbalanced": {v: {k: r[k] for k in ("exact", "changed_cell_acc", "copy_rate", "by_type",
+                                                                      "train_s")} for v, r in plain.items()}}
     cols = ["seed", "variant", "exact", "changed_cell_acc", "copy_rate", "gap", "paired_se", "only_this", "only_other",
-            "verdict", "gold_only_exact", "boot_vs_gold"]
+            "verdict", "gold_only_exact", "boot_vs_gold", "unbalanced_exact", "balanced_vs_unbalanced", "unbalanced_vs_gold"]
     table = md_table(rows, [c for c in cols if any(c in r for r in rows)])
     print(table, flush=True)
     result = {"config": cfg.model_dump(), "test_pairs": len(test), "baseline": BASELINE, "rows": rows, "runs": runs}
