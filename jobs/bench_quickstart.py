@@ -25,8 +25,8 @@ from dynboot.config import Config
 from dynboot.io.ray_session import ray_session
 from dynboot.io.rundir import write_json
 
+from jobs.train_config import gold_plus
 from jobs.quickstart import QuickstartConfig, train_fdp_runs
-from jobs.quickstart_eval import ablation_weighting
 
 VARIANTS = {"sequential_exact": {"fdp_parallel": False, "train_exact": True},
             "parallel": {"fdp_parallel": True, "train_exact": False},
@@ -53,8 +53,9 @@ def run(cfg: BenchQuickstartConfig) -> dict:
             gold_src = {"path": str(src / "world" / "gold"), "weight": float(gold)}
             pseudo_src = {"path": str(src / "filter" / "shards"), "weight": float(kept)}
             root = Path(cfg.out) / name
-            runs = [(root / "fdp_gold", [gold_src], qcfg.weighting), (root / "fdp_boot", [gold_src, pseudo_src], qcfg.weighting),
-                    (root / "fdp_ablation", [gold_src, pseudo_src], ablation_weighting(qcfg))]
+            boot = gold_plus(gold_src, [pseudo_src], qcfg.balance_classes)  # the quickstart's own gold + pseudo mixture
+            runs = [(root / "fdp_gold", [gold_src], qcfg.weighting), (root / "fdp_boot", boot, qcfg.weighting),
+                    (root / "fdp_ablation", boot, qcfg.ablation_weighting)]
             t = time.time()
             train_fdp_runs(qcfg, runs)
             out["seconds"][name] = round(time.time() - t, 1)

@@ -12,8 +12,8 @@ one with a summary.json — is not redone when the command is rerun):
     filter/     score threshold + stratified top-K                                      `dynboot filter`
   4 fdp_gold/   FDP on gold only (loss: `weighting`)                                    `dynboot train task=fdp`
     fdp_boot/   FDP on gold + pseudo (loss: `weighting`)
-    fdp_ablation/  FDP on gold + pseudo with the other loss: recognition-weighted if `weighting=none`, else
-                plain CE (the weighting row; `ablation=false` skips it)
+    fdp_ablation/  FDP on gold + pseudo with `ablation_weighting` (causal_spread, the best recognition weighting
+                measured on the world; `relative` = the paper's; the weighting row; `ablation=false` skips it)
   5 eval/       best-of-N for N = 1, 2, 4, 8 through the served generator (fdp_boot) + verifier (idp), one
                 HTTP request per test pair returning all max(N) candidates and their verifier scores; greedy
                 exact metrics of every model; pseudo-label accuracy against videos_truth.jsonl
@@ -26,7 +26,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -37,10 +37,11 @@ from dynboot.io.console import duration, say
 from dynboot.io.ray_session import ray_session
 from dynboot.io.rundir import ResumeMode, RunDir
 from dynboot.io.tracking import TrackingKind, open_tracker
+from dynboot.method.weights import Strategy
 from dynboot.models.base import TinySize
 
 from jobs.bootstrap import relabel_and_filter
-from jobs.quickstart_eval import ablation_weighting, evaluate_stage, write_quickstart_report
+from jobs.quickstart_eval import evaluate_stage, write_quickstart_report
 from jobs.train_config import gold_plus
 
 __all__ = ["QuickstartConfig", "run", "train_fdp_runs"]
@@ -74,12 +75,17 @@ class QuickstartConfig(Config):
     min_score: float = Field(-0.05, description="Filter: keep pseudo pairs whose IDP mean per-token log-prob is at "
                              "least this (-0.05 = the IDP gave its caption ~95% per token). On the world the wrong "
                              "captions score below -0.12 and the right ones above -0.005 (90% of each).")
-    weighting: Literal["relative", "floor", "none"] = Field(
+    weighting: Strategy = Field(
         "none", description="FDP loss of the gold and gold + pseudo runs (dynboot/method/weights.py). Plain CE by default: "
         "on the embedded world the tiny model has a copy feature, so it does not over-copy, and the recognition "
         "weights (which depend on the target) tilt it towards changing cells that should stay; the ablation row "
         "measures this every run. The paper's loss, for real images, is `relative`.")
-    ablation: bool = Field(True, description="Also train FDP on gold + pseudo with the other loss (the weighting row).")
+    ablation_weighting: Strategy = Field(
+        "causal_spread", description="Loss of the third FDP run (gold + pseudo), which the weighting row compares "
+        "with `weighting`: the best of the recognition weightings measured on the world (`python -m "
+        "jobs.bench_weighting`, the README's weighting table: causal_spread, label-independent); `relative` is the "
+        "paper's Eq. 2 (0.000 exact here: it over-edits).")
+    ablation: bool = Field(True, description="Also train FDP on gold + pseudo with `ablation_weighting` (the weighting row).")
     ns: list[int] = Field([1, 2, 4, 8], description="Best-of-N values evaluated through the serve app.")
     temperature: float = Field(1.0, ge=0, description="FDP sampling temperature for best-of-N.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage of the train jobs (0 = plain data "
@@ -226,7 +232,7 @@ def _run(cfg: QuickstartConfig, root: RunDir) -> dict:
                              f"stages are kept; delete {filt} to refilter)")
         pseudo_src = {"path": str(filt / "shards"), "weight": cfg.pseudo_ratio * kept}
         boot_data = gold_plus(gold_src, [pseudo_src], cfg.balance_classes)
-        other = ablation_weighting(cfg)
+        other = cfg.ablation_weighting
         t = _stage(f"4/{n} train FDP ({cfg.weighting}): gold only, gold + pseudo"
                    f"{f'; gold + pseudo with {other}' if cfg.ablation else ''}", t_all)
         runs = [(fdp["gold"], [gold_src], cfg.weighting), (fdp["boot"], boot_data, cfg.weighting)]

@@ -48,7 +48,11 @@ def test_quickstart_small(tmp_path, capfd):
     import yaml
 
     assert yaml.safe_load((out / "fdp_boot" / "config.yaml").read_text())["weighting"] == cfg.weighting == "none"
-    assert yaml.safe_load((out / "fdp_ablation" / "config.yaml").read_text())["weighting"] == "relative"
+    assert yaml.safe_load((out / "fdp_ablation" / "config.yaml").read_text())["weighting"] == cfg.ablation_weighting
+    # gold + pseudo is class-balanced: the gold source split per action class, the pseudo source last as it was
+    boot_data = yaml.safe_load((out / "fdp_boot" / "config.yaml").read_text())["data"]
+    assert len(boot_data) > 2 and all(len(d["classes"]) == 1 for d in boot_data[:-1])
+    assert boot_data[-1]["path"].endswith("filter/shards") and not boot_data[-1]["classes"]
     for model in ("idp", "fdp_gold", "fdp_boot", "fdp_ablation"):
         assert (out / model / "model" / "dynboot.json").is_file(), model
     assert list((out / "relabel" / "shards").glob("*.parquet"))
@@ -76,6 +80,14 @@ def test_quickstart_small(tmp_path, capfd):
         assert not contract_problems(str(out / run_dir)), (run_dir, contract_problems(str(out / run_dir)))
     assert [r["stage"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [
         "world", "idp", "relabel", "fdp", "eval", "rounds"]
+    # the weighting benchmark reads this run (its gold + pseudo mixture as the FDPs trained on it)
+    from jobs.bench_weighting import BenchWeightingConfig, run as bench_weighting
+
+    bench = bench_weighting(BenchWeightingConfig(
+        run=str(out), out=str(tmp_path / "bench"), result=str(tmp_path / "bench.json"), variants=["none", "predicted_change"],
+        unbalanced_variants=["none"], seeds=[0], steps=3, batch_size=4, size="xxs", save_models=False))
+    assert [r["variant"] for r in bench["rows"]] == ["none", "predicted_change"]
+    assert {"gold_only_exact", "unbalanced_exact"} <= set(bench["rows"][0])
 
 
 def test_paired_verdict_counts_only_the_pairs_where_the_models_differ():
