@@ -136,7 +136,7 @@ def world_train_config(task: str, data: list[dict], out: str, steps: int, eval_d
 def gold_plus(gold: dict, extra: list[dict], balance: bool) -> list[dict]:
     """The mixture `gold` + `extra` sources (mappings of Source fields), as the quickstart and bootstrap train on
     it; `balance`: with every action class at its gold share (`dynboot.data.mixture.class_balanced`, the counts
-    read from the sources), else as given. Sources of no rows are left out."""
+    read from the sources), else as given. Extra sources of weight 0 (a stage that kept no pair) are left out."""
     from dynboot.data.data_index import class_counts
     from dynboot.data.mixture import Source, class_balanced
 

@@ -5,6 +5,7 @@ quickstart's filter output on the world. No Ray: seconds."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -72,5 +73,8 @@ def test_class_balanced_arithmetic_and_the_class_filter(small_world, pseudo_with
     assert only_add.report["other_classes"] == 200 - only_add.rows
     with pytest.raises(EmptySource, match="no record of the classes"):
         build_index([Source(path=str(small_world / "gold"), classes=["teleport"])])
+    # real AURORA records: the counts are of the rows training reads (ag's first two records miss their images)
+    aurora = Path(__file__).parent / "data" / "aurora" / "data" / "ag"
+    assert sum(class_counts(Source(path=str(aurora))).values()) == build_index([Source(path=str(aurora))]).sources[0].rows == 2
     with pytest.raises(ValueError, match="dynboot filter"):
         build_index([Source(path=str(pseudo_without_add), classes=["move"])])

@@ -293,13 +293,14 @@ def build_index(sources: list[Source], allow_test: bool = False) -> DataIndex:
 
 
 def class_counts(src: Source) -> dict[str, int]:
-    """Rows per action class (`mixture.action_class`) of a source, as training would read it (`classes` applied;
-    `max_items` not): the instructions of AURORA records, the `action` column of Parquet pair files."""
+    """Rows per action class (`mixture.action_class`) of a source, as training reads it: the AURORA records its
+    index keeps (`classes` and `max_items` applied, records with a missing image left out), or the `action` column
+    of its Parquet pair files."""
     from collections import Counter
 
     kind, what = resolve_kind(src)
     if kind == "records":
-        actions = [r.instruction for aset in what for r in read_aurora(aset.json) if r.output is not None]
+        actions = _records_index(src, what)[1].column("action").to_pylist()
     else:
         def read(uri: str) -> list[str]:
             fs, inner = storage.resolve(uri)
@@ -307,8 +308,7 @@ def class_counts(src: Source) -> dict[str, int]:
                                  what=f"reading {uri}").column("action").to_pylist()
         with ThreadPoolExecutor(16) as pool:
             actions = [a for part in pool.map(read, _parquet_files(what)) for a in part]
-    counts = Counter(action_class(a) for a in actions)
-    return dict(sorted((c, n) for c, n in counts.items() if not src.classes or c in src.classes))
+    return dict(sorted(Counter(action_class(a) for a in actions).items()))
 
 
 def record_index(index: DataIndex, out_dir: str) -> DataIndex:
